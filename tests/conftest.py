@@ -1,0 +1,26 @@
+"""Shared fixtures: a running daemon on a free loopback port, torn down after each test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest_twisted
+from twisted.internet import defer
+
+from wschat.tap import ChatService
+from wschat.testing import startDaemon
+
+
+@pytest_twisted.async_yield_fixture
+async def daemon() -> AsyncIterator[Callable[..., tuple[ChatService, str]]]:
+    """Start daemons with ``daemon(*args)``; each is stopped when the test ends."""
+    started: list[ChatService] = []
+
+    def start(*args: str) -> tuple[ChatService, str]:
+        service, url = startDaemon(args)
+        started.append(service)
+        return service, url
+
+    yield start
+    for service in started:
+        await defer.maybeDeferred(service.stopService)
