@@ -21,6 +21,7 @@ from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
 from autobahn.websocket.types import ConnectionRequest
 from twisted.logger import Logger
 
+from wschat.closing import UNSUPPORTED_DATA, closeWith
 from wschat.room import Room
 from wschat.wire import Format, Message, formatAddress
 
@@ -47,10 +48,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         factory = self.factory
         if isBinary and factory.room.format is Format.PREFIXED:
-            self.sendClose(
-                WebSocketProtocol.CLOSE_STATUS_CODE_UNSUPPORTED_DATA,
-                "binary messages are not accepted; send text",
-            )
+            closeWith(self, UNSUPPORTED_DATA, "binary messages are not accepted; send text")
             return
         if factory.logMessages:
             self._logMessage(payload, isBinary)

@@ -3,12 +3,19 @@ Test doubles and loopback helpers, shipped so that users' tests and ours share t
 
 - :func:`startDaemon` runs the daemon's real service tree in-process on a free port.
 - :func:`connect` opens a real WebSocket client over loopback that queues what it receives.
+- :func:`spawn` runs a real command (`twistd`, the client) whose output a test waits on.
+- :class:`MemoryRoom` is a server factory on a fake clock with in-memory clients.
 - :func:`memoryConnection` joins a server and a client protocol through in-memory transports,
   for protocol logic driven by a :class:`~twisted.internet.testing.MemoryReactorClock`.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import socket
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,8 +26,12 @@ from autobahn.twisted.websocket import (
 )
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.test import iosim
 
+from wschat.protocol import ChatServerFactory, ChatServerProtocol
 from wschat.tap import ChatService, Options, makeService
 
 
@@ -110,6 +121,7 @@ def memoryConnection(
     serverFactory: Any,
     clientFactory: Any,
     peer: Any = None,
+    clock: Any = None,
 ) -> tuple[Any, Any, iosim.IOPump]:
     """
     Connect a protocol from ``serverFactory`` to one from ``clientFactory`` in memory.
@@ -127,5 +139,138 @@ def memoryConnection(
     clientTransport = iosim.FakeTransport(
         client, isServer=False, hostAddress=clientAddress, peerAddress=serverAddress
     )
-    pump = iosim.connect(server, serverTransport, client, clientTransport, greet=False)
+    pump = iosim.connect(server, serverTransport, client, clientTransport, greet=False, clock=clock)
     return server, client, pump
+
+
+class ProcessWatcher(ProcessProtocol):
+    """
+    A child process whose output tests wait on, line by line, without sleeping.
+
+    ``waitFor(pattern, stream)`` fires with the first line (past or future) matching the
+    regular expression; ``ended`` fires with the exit code.
+    """
+
+    def __init__(self) -> None:
+        self.lines: dict[str, list[str]] = {"out": [], "err": []}
+        self._partial = {"out": b"", "err": b""}
+        self._waiters: list[tuple[re.Pattern[str], str, defer.Deferred[re.Match[str]]]] = []
+        self.ended: defer.Deferred[int | None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self._received("out", data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._received("err", data)
+
+    def _received(self, stream: str, data: bytes) -> None:
+        *complete, self._partial[stream] = (self._partial[stream] + data).split(b"\n")
+        for raw in complete:
+            line = raw.decode("utf-8", "replace")
+            self.lines[stream].append(line)
+            for waiter in list(self._waiters):
+                pattern, wanted, d = waiter
+                match = pattern.search(line)
+                if wanted == stream and match:
+                    self._waiters.remove(waiter)
+                    d.callback(match)
+
+    def waitFor(self, pattern: str, stream: str = "out") -> defer.Deferred[re.Match[str]]:
+        compiled = re.compile(pattern)
+        for line in self.lines[stream]:
+            match = compiled.search(line)
+            if match:
+                return defer.succeed(match)
+        d: defer.Deferred[re.Match[str]] = defer.Deferred()
+        if self.ended.called:
+            d.errback(AssertionError(f"process ended before printing {pattern!r}"))
+        else:
+            self._waiters.append((compiled, stream, d))
+        return d
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def closeStdin(self) -> None:
+        assert self.transport is not None
+        self.transport.closeStdin()
+
+    def signal(self, name: str) -> None:
+        assert self.transport is not None
+        self.transport.signalProcess(name)
+
+    def processEnded(self, reason: Failure) -> None:
+        for stream, rest in self._partial.items():
+            if rest:
+                self._received(stream, b"\n")
+        waiters, self._waiters = self._waiters, []
+        for pattern, _, d in waiters:
+            d.errback(AssertionError(f"process ended before printing {pattern.pattern!r}"))
+        self.ended.callback(getattr(reason.value, "exitCode", None))
+
+
+def spawn(args: Sequence[str], env: dict[str, str] | None = None) -> ProcessWatcher:
+    """
+    Run ``args`` (``args[0]`` found on the venv's or the system's PATH) with piped stdio.
+    """
+    from twisted.internet import reactor
+
+    executable = shutil.which(args[0], path=_binPath()) or args[0]
+    watcher = ProcessWatcher()
+    environment = dict(os.environ if env is None else env)
+    environment.setdefault("PYTHONUNBUFFERED", "1")
+    reactor.spawnProcess(watcher, executable, list(args), env=environment)  # type: ignore[attr-defined]
+    return watcher
+
+
+def _binPath() -> str:
+    # The venv's bin folder first, so `twistd` is the one beside this Python.
+    return os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+
+
+def freePort(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on at this moment (for a server started later)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class MemoryRoom:
+    """
+    A server factory on a fake clock, with in-memory clients connected to it.
+
+    ``connect()`` returns ``(server, client)`` protocols with the handshake done;
+    ``flush()`` moves every pending byte both ways; ``clock`` drives all timers.
+    """
+
+    def __init__(self, **factoryOptions: Any) -> None:
+        self.clock = MemoryReactorClock()
+        self.factory = ChatServerFactory(reactor=self.clock, **factoryOptions)
+        self.pumps: list[iosim.IOPump] = []
+
+    def connect(
+        self, port: int = 50000, peer: Any = None
+    ) -> tuple[ChatServerProtocol, QueueClientProtocol]:
+        clientFactory = QueueClientFactory("ws://127.0.0.1:2000", reactor=self.clock)
+        server, client, pump = memoryConnection(
+            self.factory,
+            clientFactory,
+            peer=peer or IPv4Address("TCP", "127.0.0.1", port),
+            clock=self.clock,
+        )
+        self.pumps.append(pump)
+        self.flush()
+        return server, client
+
+    def flush(self) -> None:
+        # A frame received can cause frames sent (a broadcast, a close reply): pump until quiet.
+        while any(pump.pump() for pump in self.pumps):
+            pass
+
+
+def received(client: QueueClientProtocol) -> list[tuple[bytes, bool]]:
+    """Take everything a QueueClientProtocol has queued so far."""
+    items = list(client.messages.pending)
+    client.messages.pending.clear()
+    return items

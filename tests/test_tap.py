@@ -1,0 +1,89 @@
+"""Command-line options, the service tree, and the twistd plugin."""
+
+from __future__ import annotations
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from wschat.tap import ChatService, Options, makeService, portDescription
+from wschat.wire import Format
+
+
+def parse(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        """With no options the daemon listens on 127.0.0.1:2000 in prefixed format."""
+        options = parse()
+        self.assertEqual(
+            {k: options[k] for k in ("port", "interface", "listen", "format", "welcome")},
+            {
+                "port": 2000,
+                "interface": "127.0.0.1",
+                "listen": ["tcp:2000:interface=127.0.0.1"],
+                "format": Format.PREFIXED,
+                "welcome": "Welcome to chat! Type a message",
+            },
+        )
+        self.assertFalse(options["no-message-log"])
+
+    def test_port_and_interface(self) -> None:
+        """--port and --interface become one TCP endpoint description."""
+        self.assertEqual(
+            parse("--port", "2001", "--interface", "0.0.0.0")["listen"],
+            ["tcp:2001:interface=0.0.0.0"],
+        )
+
+    def test_ipv6_interface_is_quoted(self) -> None:
+        """An IPv6 interface's colons are escaped in the endpoint description."""
+        self.assertEqual(portDescription(2000, "::1"), r"tcp:2000:interface=\:\:1")
+
+    def test_listen_replaces_port(self) -> None:
+        """--listen repeats and replaces --port/--interface."""
+        options = parse("--port", "9", "--listen", "tcp:2001", "--listen", "unix:/tmp/wschat.sock")
+        self.assertEqual(options["listen"], ["tcp:2001", "unix:/tmp/wschat.sock"])
+
+    def test_bad_listen(self) -> None:
+        """A --listen that is no endpoint description is a usage error naming it."""
+        e = self.assertRaises(usage.UsageError, parse, "--listen", "bogus:2000")
+        self.assertIn("bogus:2000", str(e))
+
+    def test_bad_port(self) -> None:
+        """A port that is not a number in 0-65535 is a usage error."""
+        self.assertRaises(usage.UsageError, parse, "--port", "70000")
+        self.assertRaises(usage.UsageError, parse, "--port", "two")
+
+    def test_format(self) -> None:
+        """--format takes prefixed or raw, nothing else."""
+        self.assertEqual(parse("--format", "raw")["format"], Format.RAW)
+        e = self.assertRaises(usage.UsageError, parse, "--format", "json")
+        self.assertIn("prefixed, raw", str(e))
+
+    def test_flags_reach_the_factory(self) -> None:
+        """--welcome, --format and --no-message-log configure the factory."""
+        service = makeService(parse("--welcome", "", "--format", "raw", "--no-message-log"))
+        self.assertIsInstance(service, ChatService)
+        self.assertEqual(service.factory.welcome, b"")
+        self.assertEqual(service.factory.room.format, Format.RAW)
+        self.assertFalse(service.factory.logMessages)
+
+    def test_one_listener_per_endpoint(self) -> None:
+        """makeService builds a listening service per --listen, and listens on none yet."""
+        service = makeService(parse("--listen", "tcp:0", "--listen", "tcp6:0"))
+        self.assertEqual([e.description for e in service.endpoints], ["tcp:0", "tcp6:0"])
+        self.assertEqual(service.ports, [])
+
+
+class PluginTests(SynchronousTestCase):
+    def test_plugin_is_installed(self) -> None:
+        """The installed package exposes the 'wschat' twistd plugin."""
+        makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+        self.assertIn("wschat", makers)
+        self.assertEqual(makers["wschat"].module, "wschat.tap")
+        self.assertIs(makers["wschat"].options, Options)
