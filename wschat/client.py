@@ -23,7 +23,6 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import (
     IConnector,
     IHalfCloseableProtocol,
-    IPushProducer,
     IReactorTime,
 )
 from twisted.internet.protocol import ReconnectingClientFactory
@@ -191,10 +190,9 @@ class ChatSession:
 
     def _setInputPaused(self, paused: bool) -> None:
         self._inputPaused = paused
-        if self.input is not None:
-            transport = IPushProducer(self.input.transport, None)
-            if transport is None:
-                return
+        # StandardIO pauses and resumes like a push producer, though it does not declare it.
+        transport: Any = self.input.transport if self.input is not None else None
+        if transport is not None:
             if paused:
                 transport.pauseProducing()
             else:
@@ -275,7 +273,7 @@ class ChatSession:
 
 
 class Options(usage.Options):
-    synopsis = "[--url ws://HOST:PORT/ | --port N] [options]"
+    synopsis = "Usage: python -m wschat.client [--url ws://HOST:PORT/ | --port N] [options]"
     longdesc = (
         "Send each line of standard input to a wschat room and print what the room says. "
         "Room messages go to standard output, status to standard error."

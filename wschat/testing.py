@@ -210,7 +210,9 @@ class ProcessWatcher(ProcessProtocol):
         self.ended.callback(getattr(reason.value, "exitCode", None))
 
 
-def spawn(args: Sequence[str], env: dict[str, str] | None = None) -> ProcessWatcher:
+def spawn(
+    args: Sequence[str], env: dict[str, str] | None = None, cwd: str | None = None
+) -> ProcessWatcher:
     """
     Run ``args`` (``args[0]`` found on the venv's or the system's PATH) with piped stdio.
     """
@@ -220,7 +222,9 @@ def spawn(args: Sequence[str], env: dict[str, str] | None = None) -> ProcessWatc
     watcher = ProcessWatcher()
     environment = dict(os.environ if env is None else env)
     environment.setdefault("PYTHONUNBUFFERED", "1")
-    reactor.spawnProcess(watcher, executable, list(args), env=environment)  # type: ignore[attr-defined]
+    reactor.spawnProcess(  # type: ignore[attr-defined]
+        watcher, executable, list(args), env=environment, path=cwd
+    )
     return watcher
 
 
