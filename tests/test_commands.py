@@ -57,6 +57,8 @@ async def test_daemon_and_two_clients(processes):
     await daemon.waitFor(r"closed: code 1000")
     bob.signal("INT")
     assert await bob.ended == 0
+    assert any("closed with code 1000" in line for line in bob.lines["err"])
+    await daemon.waitFor(r"closed: code 1000", count=2)
     daemon.signal("TERM")
     await daemon.ended
 

@@ -154,7 +154,7 @@ class ProcessWatcher(ProcessProtocol):
     def __init__(self) -> None:
         self.lines: dict[str, list[str]] = {"out": [], "err": []}
         self._partial = {"out": b"", "err": b""}
-        self._waiters: list[tuple[re.Pattern[str], str, defer.Deferred[re.Match[str]]]] = []
+        self._waiters: list[tuple[re.Pattern[str], str, int, defer.Deferred[re.Match[str]]]] = []
         self.ended: defer.Deferred[int | None] = defer.Deferred()
 
     def outReceived(self, data: bytes) -> None:
@@ -169,23 +169,31 @@ class ProcessWatcher(ProcessProtocol):
             line = raw.decode("utf-8", "replace")
             self.lines[stream].append(line)
             for waiter in list(self._waiters):
-                pattern, wanted, d = waiter
+                pattern, wanted, remaining, d = waiter
                 match = pattern.search(line)
                 if wanted == stream and match:
                     self._waiters.remove(waiter)
-                    d.callback(match)
+                    if remaining > 1:
+                        self._waiters.append((pattern, wanted, remaining - 1, d))
+                    else:
+                        d.callback(match)
 
-    def waitFor(self, pattern: str, stream: str = "out") -> defer.Deferred[re.Match[str]]:
+    def waitFor(
+        self, pattern: str, stream: str = "out", count: int = 1
+    ) -> defer.Deferred[re.Match[str]]:
+        """Fire with the ``count``-th line of ``stream`` that matches ``pattern``."""
         compiled = re.compile(pattern)
         for line in self.lines[stream]:
             match = compiled.search(line)
             if match:
-                return defer.succeed(match)
+                count -= 1
+                if count == 0:
+                    return defer.succeed(match)
         d: defer.Deferred[re.Match[str]] = defer.Deferred()
         if self.ended.called:
             d.errback(AssertionError(f"process ended before printing {pattern!r}"))
         else:
-            self._waiters.append((compiled, stream, d))
+            self._waiters.append((compiled, stream, count, d))
         return d
 
     def write(self, data: bytes) -> None:
@@ -205,7 +213,7 @@ class ProcessWatcher(ProcessProtocol):
             if rest:
                 self._received(stream, b"\n")
         waiters, self._waiters = self._waiters, []
-        for pattern, _, d in waiters:
+        for pattern, _, _, d in waiters:
             d.errback(AssertionError(f"process ended before printing {pattern.pattern!r}"))
         self.ended.callback(getattr(reason.value, "exitCode", None))
 
