@@ -78,10 +78,7 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     def opt_metrics_listen(self, description: str) -> None:
-        """
-        Serve /metrics (and /healthz) on this endpoint description instead of the chat port,
-        e.g. tcp:9100:interface=127.0.0.1 to keep metrics off a public interface.
-        """
+        """Serve /metrics on this endpoint, not the chat port (tcp:9100:interface=127.0.0.1)."""
         from twisted.internet import reactor
 
         try:
