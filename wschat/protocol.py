@@ -3,7 +3,9 @@ The WebSocket side of the daemon: one protocol per connection, one factory holdi
 
 Wire protocol (see also :mod:`wschat.wire` and the README):
 
-- The opening handshake is plain RFC 6455; no subprotocol is required.
+- The opening handshake is plain RFC 6455; no subprotocol is required. A client that offers the
+  subprotocol ``wschat.json`` gets it, and receives JSON objects instead (:mod:`wschat.wire`):
+  a ``welcome``, every ``message``, and ``join``/``leave`` events for the others.
 - On open the server sends the greeting (``--welcome``) as one text message, unless it is empty.
 - Each message a client sends is relayed to every open connection, sender included, in the
   daemon's ``--format``. In ``prefixed`` format a binary message is refused with close 1003.
@@ -22,8 +24,9 @@ from autobahn.websocket.types import ConnectionRequest
 from twisted.logger import Logger
 
 from wschat.closing import UNSUPPORTED_DATA, closeWith
+from wschat.metrics import Metrics
 from wschat.room import Room
-from wschat.wire import Format, Message, formatAddress
+from wschat.wire import JSON_SUBPROTOCOL, Format, Message, formatAddress, jsonWelcome
 
 DEFAULT_WELCOME = "Welcome to chat! Type a message"
 
@@ -34,19 +37,32 @@ class ChatServerProtocol(WebSocketServerProtocol):
     _log = Logger()
     factory: ChatServerFactory
     address = ""
+    #: What this connection receives: the room's format, or JSON if it asked for it.
+    format = Format.PREFIXED
 
-    def onConnect(self, request: ConnectionRequest) -> None:
+    def onConnect(self, request: ConnectionRequest) -> str | None:
         assert self.transport is not None
         self.address = formatAddress(self.transport.getPeer())
+        if JSON_SUBPROTOCOL in request.protocols:
+            self.format = Format.JSON
+            return JSON_SUBPROTOCOL
+        self.format = self.factory.room.format
+        return None
 
     def onOpen(self) -> None:
-        self.factory.room.join(self)
+        factory = self.factory
+        factory.room.join(self, self.format)
+        factory.metrics.connectionOpened()
         self._log.info("New connection from {peer}", peer=self.address)
-        if self.factory.welcome:
-            self.sendMessage(self.factory.welcome)
+        greeting = factory.greeting(self)
+        if greeting:
+            self.sendMessage(greeting)
+            factory.metrics.delivered(1, len(greeting))
+        factory.room.announce("join", self.address, exclude=self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         factory = self.factory
+        factory.metrics.messageReceived()
         if isBinary and factory.room.format is Format.PREFIXED:
             closeWith(self, UNSUPPORTED_DATA, "binary messages are not accepted; send text")
             return
@@ -55,7 +71,9 @@ class ChatServerProtocol(WebSocketServerProtocol):
         factory.room.broadcast(Message(self.address, payload, isBinary))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.factory.room.leave(self)
+        if self.factory.room.leave(self):
+            self.factory.metrics.connectionClosed(code)
+            self.factory.room.announce("leave", self.address)
         if self.address:
             self._log.info(
                 "Connection from {peer} closed: code {code} {reason}",
@@ -98,10 +116,22 @@ class ChatServerFactory(WebSocketServerFactory):
         fmt: Format = Format.PREFIXED,
         welcome: str = DEFAULT_WELCOME,
         logMessages: bool = True,
+        metrics: Metrics | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("server", "wschat")
         super().__init__(**kwargs)
-        self.room = Room(self.prepareMessage, fmt)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.room = Room(self.prepareMessage, fmt, metrics=self.metrics, now=self.reactor.seconds)
         self.welcome = welcome.encode("utf-8")
         self.logMessages = logMessages
+
+    def greeting(self, connection: ChatServerProtocol) -> bytes:
+        """
+        What ``connection`` receives first: the ``--welcome`` text, or for a JSON client
+        a ``welcome`` object (always, since it tells the client its own address).
+        """
+        if connection.format is Format.JSON:
+            text = self.welcome.decode("utf-8")
+            return jsonWelcome(connection.address, len(self.room), text, self.reactor.seconds())
+        return self.welcome

@@ -2,17 +2,21 @@
 The chat room: who is connected, and fan-out of one message to all of them.
 
 Data flows one way: a protocol hands a received message to :meth:`Room.broadcast`, which
-frames it once and gives the same frame to every member through :meth:`Member.deliver`.
+frames it once per format its members receive (plain, JSON) and gives the same frame to every
+member of that format through :meth:`Member.deliver`.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from itertools import chain
+from typing import Literal, Protocol
 
 from autobahn.websocket.protocol import PreparedMessage
 
-from wschat.wire import Format, Message, relayPayload
+from wschat.metrics import Metrics
+from wschat.wire import Format, Message, jsonMessage, jsonPresence, relayPayload
 
 Prepare = Callable[[bytes, bool], PreparedMessage]
 
@@ -32,32 +36,83 @@ class Room:
 
     @param prepare: frames a payload once, for every member (the factory's
         ``prepareMessage``).
-    @param fmt: how a relayed message is built from what its sender sent.
+    @param fmt: how a relayed message is built from what its sender sent, for members that
+        did not ask for JSON.
+    @param metrics: counts broadcasts and deliveries (a private one when not given).
+    @param now: the time JSON objects are stamped with, in seconds since the epoch.
     """
 
-    def __init__(self, prepare: Prepare, fmt: Format = Format.PREFIXED) -> None:
+    def __init__(
+        self,
+        prepare: Prepare,
+        fmt: Format = Format.PREFIXED,
+        *,
+        metrics: Metrics | None = None,
+        now: Callable[[], float] = time.time,
+    ) -> None:
         self._prepare = prepare
         self.format = fmt
-        # A dict keeps join order, so deliveries go out in a stable order.
-        self._members: dict[Member, None] = {}
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._now = now
+        # Members grouped by the format they receive, so that a broadcast frames each format
+        # once. Dicts keep join order, so deliveries go out in a stable order.
+        self._groups: dict[Format, dict[Member, None]] = {}
 
     def __len__(self) -> int:
-        return len(self._members)
+        return sum(len(group) for group in self._groups.values())
 
     def __iter__(self) -> Iterator[Member]:
-        return iter(tuple(self._members))
+        return iter(tuple(chain.from_iterable(self._groups.values())))
 
-    def join(self, member: Member) -> None:
-        self._members[member] = None
+    def __contains__(self, member: object) -> bool:
+        return any(member in group for group in self._groups.values())
 
-    def leave(self, member: Member) -> None:
-        self._members.pop(member, None)
+    def join(self, member: Member, fmt: Format | None = None) -> None:
+        """Add ``member``, which receives ``fmt`` (the room's format unless given)."""
+        self._groups.setdefault(fmt if fmt is not None else self.format, {})[member] = None
+
+    def leave(self, member: Member) -> bool:
+        """Remove ``member``; true if it was in the room."""
+        for fmt, group in self._groups.items():
+            if member in group:
+                del group[member]
+                if not group:
+                    del self._groups[fmt]
+                return True
+        return False
 
     def broadcast(self, message: Message) -> None:
         """
         Relay ``message`` to every member, its sender included.
         """
-        frame = self._prepare(relayPayload(self.format, message), message.isBinary)
-        # A snapshot: a delivery may make a member leave (a slow reader dropped).
-        for member in tuple(self._members):
+        frames = size = 0
+        when = self._now()
+        # Snapshots: a delivery may make a member leave (a slow reader dropped).
+        for fmt, group in tuple(self._groups.items()):
+            if fmt is Format.JSON:
+                payload, isBinary = jsonMessage(message, when), False
+            else:
+                payload, isBinary = relayPayload(fmt, message), message.isBinary
+            frame = self._prepare(payload, isBinary)
+            members = tuple(group)
+            for member in members:
+                member.deliver(frame)
+            frames += len(members)
+            size += len(members) * len(payload)
+        self.metrics.messageBroadcast(frames, size)
+
+    def announce(
+        self, kind: Literal["join", "leave"], who: str, exclude: Member | None = None
+    ) -> None:
+        """
+        Tell the JSON members (all but ``exclude``) that ``who`` joined or left.
+        """
+        group = self._groups.get(Format.JSON)
+        if not group:
+            return
+        payload = jsonPresence(kind, who, len(self), self._now())
+        frame = self._prepare(payload, False)
+        members = [member for member in group if member is not exclude]
+        for member in members:
             member.deliver(frame)
+        self.metrics.delivered(len(members), len(members) * len(payload))

@@ -15,6 +15,7 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from wschat.protocol import DEFAULT_WELCOME, ChatServerFactory
+from wschat.web import makeMetricsSite, makeSite
 from wschat.wire import Format
 
 
@@ -53,11 +54,13 @@ class Options(usage.Options):
     ]
     optFlags: list[list[str | None]] = [
         ["no-message-log", None, "Do not log message bodies (privacy, speed)."],
+        ["no-metrics", None, "Do not serve Prometheus metrics at /metrics."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["metrics-listen"] = None
 
     def opt_listen(self, description: str) -> None:
         """
@@ -74,14 +77,26 @@ class Options(usage.Options):
             raise usage.UsageError(f"--listen {description!r}: {e}") from e
         self["listen"].append(description)
 
-    def postOptions(self) -> None:
+    def opt_metrics_listen(self, description: str) -> None:
+        """Serve /metrics on this endpoint, not the chat port (tcp:9100:interface=127.0.0.1)."""
+        from twisted.internet import reactor
+
         try:
-            self["format"] = Format(self["format"])
-        except ValueError:
-            choices = ", ".join(f.value for f in Format)
+            endpoints.serverFromString(reactor, description)
+        except Exception as e:
+            raise usage.UsageError(f"--metrics-listen {description!r}: {e}") from e
+        self["metrics-listen"] = description
+
+    def postOptions(self) -> None:
+        if self["no-metrics"] and self["metrics-listen"] is not None:
+            raise usage.UsageError("--no-metrics and --metrics-listen contradict each other")
+        # JSON is not a daemon's format: each client asks for it (subprotocol wschat.json).
+        choices = [f.value for f in Format if f is not Format.JSON]
+        if self["format"] not in choices:
             raise usage.UsageError(
-                f"--format must be one of {choices}, not {self['format']!r}"
-            ) from None
+                f"--format must be one of {', '.join(choices)}, not {self['format']!r}"
+            )
+        self["format"] = Format(self["format"])
         if not self["listen"]:
             self["listen"] = [portDescription(self["port"], self["interface"])]
 
@@ -94,16 +109,20 @@ class LoggingEndpoint:
 
     _log = Logger()
 
-    def __init__(self, description: str, endpoint: IStreamServerEndpoint) -> None:
+    def __init__(
+        self, description: str, endpoint: IStreamServerEndpoint, what: str = "wschat"
+    ) -> None:
         self.description = description
         self._endpoint = endpoint
+        self.what = what
         self.port: IListeningPort | None = None
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         def listening(port: IListeningPort) -> IListeningPort:
             self.port = port
             self._log.info(
-                "wschat listening on {address} ({description})",
+                "{what} listening on {address} ({description})",
+                what=self.what,
                 address=port.getHost(),
                 description=self.description,
             )
@@ -122,19 +141,41 @@ def makeFactory(options: Options) -> ChatServerFactory:
 
 class ChatService(service.MultiService):
     """
-    The daemon: one listening service per endpoint, all feeding one room.
+    The daemon: one listening service per endpoint, all serving one web site (page, health,
+    metrics) whose WebSocket handshakes feed one room; and metrics on their own endpoint
+    when ``metricsListen`` is given.
     """
 
-    def __init__(self, factory: ChatServerFactory, descriptions: list[str]) -> None:
+    def __init__(
+        self,
+        factory: ChatServerFactory,
+        descriptions: list[str],
+        metricsListen: str | None = None,
+        metrics: bool = True,
+    ) -> None:
         super().__init__()
         self.factory = factory
+        self.site = makeSite(factory, self.accepting, metrics and metricsListen is None)
         self.endpoints: list[LoggingEndpoint] = []
         for description in descriptions:
-            listener = strports.service(description, factory)
-            endpoint = LoggingEndpoint(description, listener.endpoint)
-            listener.endpoint = endpoint
-            self.endpoints.append(endpoint)
-            listener.setServiceParent(self)
+            self.endpoints.append(self._listen(description, self.site))
+        self.metricsEndpoint: LoggingEndpoint | None = None
+        if metrics and metricsListen is not None:
+            metricsSite = makeMetricsSite(factory, self.accepting)
+            self.metricsEndpoint = self._listen(metricsListen, metricsSite, "wschat metrics")
+
+    def _listen(
+        self, description: str, factory: IProtocolFactory, what: str = "wschat"
+    ) -> LoggingEndpoint:
+        listener = strports.service(description, factory)
+        endpoint = LoggingEndpoint(description, listener.endpoint, what)
+        listener.endpoint = endpoint
+        listener.setServiceParent(self)
+        return endpoint
+
+    def accepting(self) -> bool:
+        """Whether the daemon is running and so accepts connections (for /healthz)."""
+        return bool(self.running)
 
     @property
     def ports(self) -> list[IListeningPort]:
@@ -143,4 +184,9 @@ class ChatService(service.MultiService):
 
 
 def makeService(options: Options) -> ChatService:
-    return ChatService(makeFactory(options), options["listen"])
+    return ChatService(
+        makeFactory(options),
+        options["listen"],
+        metricsListen=options["metrics-listen"],
+        metrics=not options["no-metrics"],
+    )

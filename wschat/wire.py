@@ -11,12 +11,21 @@ Formats (chosen per daemon with ``--format``):
 
 ``raw``
     Every message, text or binary, is relayed unchanged: a pure mirror.
+
+``json`` (per connection, never a daemon's ``--format``)
+    A client that offers the WebSocket subprotocol ``wschat.json`` receives JSON objects
+    (messages, its welcome, join and leave events) whatever the daemon's format; see
+    :func:`jsonMessage` and the README's "JSON subprotocol" section.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import Enum
+from typing import Any, Literal
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress
@@ -27,6 +36,12 @@ class Format(Enum):
 
     PREFIXED = "prefixed"
     RAW = "raw"
+    #: What a connection that negotiated :data:`JSON_SUBPROTOCOL` receives.
+    JSON = "json"
+
+
+#: The WebSocket subprotocol a client offers to receive JSON objects instead of plain frames.
+JSON_SUBPROTOCOL = "wschat.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,3 +71,46 @@ def relayPayload(fmt: Format, message: Message) -> bytes:
     if fmt is Format.PREFIXED:
         return message.sender.encode("utf-8") + b": " + message.payload
     return message.payload
+
+
+def isoTime(when: float) -> str:
+    """
+    ``when`` (seconds since the epoch) as ISO 8601 UTC with milliseconds:
+    ``2024-05-01T12:00:00.000Z``.
+    """
+    stamp = datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")
+    return stamp.removesuffix("+00:00") + "Z"
+
+
+def _json(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def jsonMessage(message: Message, when: float) -> bytes:
+    """
+    ``message`` as a JSON client receives it: ``{"type": "message", "from", "text", "time"}``;
+    a binary message (``raw`` format only) carries ``data`` (base64) instead of ``text``.
+    """
+    obj: dict[str, Any] = {"type": "message", "from": message.sender}
+    if message.isBinary:
+        obj["data"] = base64.b64encode(message.payload).decode("ascii")
+    else:
+        obj["text"] = message.payload.decode("utf-8")
+    obj["time"] = isoTime(when)
+    return _json(obj)
+
+
+def jsonWelcome(you: str, online: int, text: str, when: float) -> bytes:
+    """
+    The first object a JSON client receives: its own address, how many are online, the greeting.
+    """
+    return _json(
+        {"type": "welcome", "you": you, "online": online, "text": text, "time": isoTime(when)}
+    )
+
+
+def jsonPresence(kind: Literal["join", "leave"], who: str, online: int, when: float) -> bytes:
+    """
+    Someone else joined or left; ``online`` counts the connections after the change.
+    """
+    return _json({"type": kind, "who": who, "online": online, "time": isoTime(when)})

@@ -1,0 +1,123 @@
+"""
+Prometheus metrics for one daemon: what its connections and its room did.
+
+Each :class:`Metrics` owns its own :class:`~prometheus_client.CollectorRegistry` (never the
+global one), so several daemons in one process, as in the tests, count apart. The room and the
+protocol call the methods below; each is a counter or gauge update, made once per event or once
+per broadcast (never once per recipient).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    """
+    The daemon's counters, and the registry ``/metrics`` exposes.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        if registry is None:
+            registry = CollectorRegistry(auto_describe=True)
+            # What the global registry has by default: process memory, CPU, file descriptors.
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+        self.registry = registry
+        self._open = Gauge(
+            "wschat_connections_open",
+            "WebSocket connections open now.",
+            registry=registry,
+        )
+        self._opened = Counter(
+            "wschat_connections_opened",
+            "WebSocket connections opened (handshake completed).",
+            registry=registry,
+        )
+        self._closed = Counter(
+            "wschat_connections_closed",
+            "WebSocket connections closed, by close code "
+            "(1006: dropped without a closing handshake).",
+            ["code"],
+            registry=registry,
+        )
+        self._received = Counter(
+            "wschat_messages_received",
+            "Messages received from clients.",
+            registry=registry,
+        )
+        self._broadcast = Counter(
+            "wschat_messages_broadcast",
+            "Messages relayed to the room.",
+            registry=registry,
+        )
+        self._frames = Counter(
+            "wschat_frames_delivered",
+            "WebSocket messages handed to connections: relayed messages, greetings, "
+            "join and leave events.",
+            registry=registry,
+        )
+        self._bytes = Counter(
+            "wschat_sent_bytes",
+            "Payload bytes of the messages counted by wschat_frames_delivered_total.",
+            registry=registry,
+        )
+        self._dropped = Counter(
+            "wschat_clients_dropped",
+            "Clients disconnected because their outgoing queue was full.",
+            registry=registry,
+        )
+        self._refused = Counter(
+            "wschat_messages_refused",
+            "Messages refused by a limit, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+
+    # -- connections
+
+    def connectionOpened(self) -> None:
+        self._open.inc()
+        self._opened.inc()
+
+    def connectionClosed(self, code: int | None) -> None:
+        """A connection that had opened is gone; ``code`` is the close code ``onClose`` saw."""
+        self._open.dec()
+        self._closed.labels(code="none" if code is None else str(code)).inc()
+
+    # -- messages
+
+    def messageReceived(self) -> None:
+        self._received.inc()
+
+    def messageBroadcast(self, frames: int, size: int) -> None:
+        """One message went to the room as ``frames`` deliveries totalling ``size`` bytes."""
+        self._broadcast.inc()
+        self.delivered(frames, size)
+
+    def delivered(self, frames: int, size: int) -> None:
+        """``frames`` messages of ``size`` bytes in all were handed to connections."""
+        self._frames.inc(frames)
+        self._bytes.inc(size)
+
+    # -- limits (called by the code that enforces them)
+
+    def clientDropped(self) -> None:
+        """A client was disconnected because its outgoing queue was full."""
+        self._dropped.inc()
+
+    def messageRefused(self, reason: str) -> None:
+        """
+        A limit refused a message; ``reason`` is a short fixed label (``too_big``, ``rate``).
+        """
+        self._refused.labels(reason=reason).inc()

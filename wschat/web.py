@@ -1,0 +1,201 @@
+"""
+The daemon's HTTP side: one Twisted web site per daemon that serves the chat page, ``/healthz``
+and ``/metrics``, and hands every WebSocket handshake, on any path, to the room.
+
+Resources on the chat port::
+
+    GET /            the chat page (wschat/static/index.html), and its chat.js and chat.css
+    GET /healthz     200 {"status": "ok", "connections": N}; 503 "stopping" once shutting down
+    GET /metrics     Prometheus exposition (unless moved by --metrics-listen, or --no-metrics)
+    Upgrade: websocket, any path:  the chat room
+
+The page is package data, read once at start-up and served from memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from importlib.resources import files
+from typing import Any, cast
+
+from autobahn.twisted.resource import WebSocketResource
+from prometheus_client.twisted import MetricsResource
+from twisted.internet.interfaces import IConsumer
+from twisted.web import http
+from twisted.web.iweb import IRequest
+from twisted.web.pages import errorPage, notFound
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+
+from wschat.protocol import ChatServerFactory
+
+#: The page and its assets: (file in wschat/static, URL path segment, media type).
+ASSETS = [
+    ("index.html", b"", "text/html; charset=utf-8"),
+    ("chat.js", b"chat.js", "text/javascript; charset=utf-8"),
+    ("chat.css", b"chat.css", "text/css; charset=utf-8"),
+]
+
+#: The page needs nothing but its own files and a WebSocket back to where it came from
+#: (CSP 3: 'self' in connect-src covers ws: and wss: to the page's own host and port).
+CONTENT_SECURITY_POLICY = (
+    b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    b"img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+#: Paths polled by machines, left out of the access log.
+QUIET_PATHS = frozenset({b"/healthz", b"/metrics"})
+
+
+def isWebSocketUpgrade(request: IRequest) -> bool:
+    """
+    Whether ``request`` asks to upgrade to WebSocket (``Upgrade: websocket``, any case).
+    """
+    upgrade = request.getHeader(b"upgrade")
+    if upgrade is None:
+        return False
+    return any(token.strip() == b"websocket" for token in upgrade.lower().split(b","))
+
+
+class ChatWebSocketResource(WebSocketResource):
+    """
+    Autobahn's :class:`WebSocketResource`, which takes the connection over from Twisted web,
+    and then frees the transport's producer slot that the HTTP channel still holds, so that the
+    WebSocket protocol (for flow control) may register a producer of its own.
+    """
+
+    def render(self, request: Request) -> Any:
+        transport = request.channel.transport
+        result = super().render(request)
+        if transport is not None and request.channel.transport is None:
+            # Taken over: the HTTP channel will never see this transport again.
+            consumer = IConsumer(transport, None)
+            if consumer is not None:
+                consumer.unregisterProducer()
+        return result
+
+
+class Root(Resource):
+    """A site's root: its children, and a plain 404 for anything else."""
+
+    def getChild(self, path: bytes, request: IRequest) -> IResource:
+        return notFound()
+
+
+class ChatRoot(Root):
+    """
+    The chat port's root: a WebSocket handshake on any path reaches the room (as it did before
+    the daemon served HTTP); everything else is looked up among the children.
+    """
+
+    def __init__(self, websocket: IResource) -> None:
+        super().__init__()
+        self._websocket = websocket
+
+    def getChildWithDefault(self, path: bytes, request: IRequest) -> IResource:
+        if isWebSocketUpgrade(request):
+            return self._websocket
+        return super().getChildWithDefault(path, request)
+
+
+class ReadOnly(Resource):
+    """A leaf answering GET and HEAD, and 405 to any other method."""
+
+    isLeaf = True
+
+    def render(self, request: IRequest) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            page = errorPage(405, "Method Not Allowed", "This resource is read-only.")
+            return cast(bytes, page.render(request))
+        return cast(bytes, super().render(request))
+
+
+class Asset(ReadOnly):
+    """
+    One file of the page, served from memory with headers that keep it to itself.
+
+    (Like ``twisted.web.static.Data``, whose module warns of deprecations when imported.)
+    """
+
+    def __init__(self, data: bytes, mediaType: str) -> None:
+        super().__init__()
+        self.data = data
+        self.mediaType = mediaType.encode("ascii")
+
+    def render_GET(self, request: IRequest) -> bytes:
+        request.setHeader(b"content-type", self.mediaType)
+        request.setHeader(b"content-length", b"%d" % len(self.data))
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        request.setHeader(b"content-security-policy", CONTENT_SECURITY_POLICY)
+        return b"" if request.method == b"HEAD" else self.data
+
+    render_HEAD = render_GET
+
+
+class HealthResource(ReadOnly):
+    """
+    ``GET /healthz``: 200 and a small JSON body while the daemon accepts connections,
+    503 once it is stopping.
+    """
+
+    def __init__(self, accepting: Callable[[], bool], connections: Callable[[], int]) -> None:
+        super().__init__()
+        self._accepting = accepting
+        self._connections = connections
+
+    def render_GET(self, request: IRequest) -> bytes:
+        if self._accepting():
+            status = "ok"
+        else:
+            status = "stopping"
+            request.setResponseCode(503)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        body = {"status": status, "connections": self._connections()}
+        return json.dumps(body).encode("utf-8") + b"\n"
+
+    render_HEAD = render_GET
+
+
+class ChatSite(Site):
+    """A :class:`Site` that leaves health checks and metric scrapes out of the access log."""
+
+    def log(self, request: http.Request) -> None:
+        if request.path in QUIET_PATHS:
+            return
+        super().log(request)
+
+
+def _asset(name: str, mediaType: str) -> Asset:
+    return Asset((files("wschat") / "static" / name).read_bytes(), mediaType)
+
+
+def makeSite(
+    factory: ChatServerFactory,
+    accepting: Callable[[], bool],
+    metrics: bool = True,
+) -> ChatSite:
+    """
+    The site for the chat port: page, health, metrics (when ``metrics``), and the room.
+    """
+    root = ChatRoot(ChatWebSocketResource(factory))
+    for name, path, mediaType in ASSETS:
+        root.putChild(path, _asset(name, mediaType))
+    root.putChild(b"healthz", HealthResource(accepting, lambda: len(factory.room)))
+    if metrics:
+        root.putChild(b"metrics", MetricsResource(factory.metrics.registry))
+    return ChatSite(root)
+
+
+def makeMetricsSite(factory: ChatServerFactory, accepting: Callable[[], bool]) -> ChatSite:
+    """
+    The site for ``--metrics-listen``: ``/metrics`` and ``/healthz`` only.
+    """
+    root = Root()
+    root.putChild(b"healthz", HealthResource(accepting, lambda: len(factory.room)))
+    root.putChild(b"metrics", MetricsResource(factory.metrics.registry))
+    return ChatSite(root)
