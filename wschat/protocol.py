@@ -23,6 +23,7 @@ from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
 from autobahn.websocket.types import ConnectionRequest
 from twisted.logger import Logger
 
+from wschat import fastwrite
 from wschat.closing import UNSUPPORTED_DATA, closeWith
 from wschat.metrics import Metrics
 from wschat.room import Room
@@ -88,7 +89,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
         # close frame would break the closing handshake.
         if self.state == WebSocketProtocol.STATE_OPEN:
             try:
-                self.sendPreparedMessage(frame)
+                fastwrite.sendPrepared(self, frame)
             except Disconnected:
                 pass
 

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
+from wschat.limits import raiseFileLimit, withBacklog
 from wschat.protocol import DEFAULT_WELCOME, ChatServerFactory
 from wschat.web import makeMetricsSite, makeSite
 from wschat.wire import Format
@@ -167,7 +168,7 @@ class ChatService(service.MultiService):
     def _listen(
         self, description: str, factory: IProtocolFactory, what: str = "wschat"
     ) -> LoggingEndpoint:
-        listener = strports.service(description, factory)
+        listener = strports.service(withBacklog(description), factory)
         endpoint = LoggingEndpoint(description, listener.endpoint, what)
         listener.endpoint = endpoint
         listener.setServiceParent(self)
@@ -184,6 +185,7 @@ class ChatService(service.MultiService):
 
 
 def makeService(options: Options) -> ChatService:
+    raiseFileLimit()
     return ChatService(
         makeFactory(options),
         options["listen"],

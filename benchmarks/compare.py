@@ -1,0 +1,322 @@
+"""
+Run the same scenarios on wschat and on its peers, alternating, and print the ratio table.
+
+    python benchmarks/compare.py                       # everything, two repetitions
+    python benchmarks/compare.py --servers wschat,node-ws --repeat 1 --duration 5
+
+Each run starts a fresh server pinned to one core (``taskset -c 0``) and runs
+``python -m wschat.bench`` pinned to another (``taskset -c 1``). Scenarios:
+
+- saturated: 1000 clients, 10 senders x 4 in flight (closed loop): deliveries/s;
+- moderate: 1000 clients, 20 messages/s in total (open loop): p50/p99 latency, server CPU;
+- idle: N connections held: server RSS per connection, handshakes/s;
+- sweep (with --plot): latency against offered load, one line per server.
+
+Needs: ``pip install '.[bench,plot]' websockets picows`` and ``npm install`` in
+``benchmarks/peers/node-ws``. Every run is bounded in time; a server that does not start or a
+bench that does not finish in time is recorded as failed, never waited on forever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+PEERS = HERE / "peers"
+PY = sys.executable
+TWISTD = str(Path(PY).with_name("twistd"))
+
+
+def _wschat(*extra: str) -> Callable[[int, str], list[str]]:
+    def command(port: int, logdir: str) -> list[str]:
+        return [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            f"--logfile={logdir}/wschat-{port}.log",
+            "wschat",
+            "--port",
+            str(port),
+            "--welcome",
+            "",
+            *extra,
+        ]
+
+    return command
+
+
+def _script(path: Path, *extra: str) -> Callable[[int, str], list[str]]:
+    return lambda port, logdir: [PY, str(path), "--port", str(port), *extra]
+
+
+SERVERS: dict[str, Callable[[int, str], list[str]]] = {
+    "wschat": _wschat("--format", "raw", "--no-message-log"),
+    "wschat-prefixed": _wschat("--format", "prefixed", "--no-message-log"),
+    "wschat-log": _wschat("--format", "raw"),
+    "websockets": _script(PEERS / "websockets_server.py"),
+    "node-ws": lambda port, logdir: ["node", str(PEERS / "node-ws" / "server.js"), str(port)],
+    "picows": _script(PEERS / "picows_server.py"),
+    "autobahn": _script(PEERS / "autobahn_server.py"),
+    "autobahn-prepared": _script(PEERS / "autobahn_server.py", "--prepared"),
+}
+DEFAULT_SERVERS = list(SERVERS)
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def waitListening(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with status {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server did not listen on port {port} within {timeout} s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def runBench(
+    name: str,
+    args: argparse.Namespace,
+    logdir: str,
+    benchArgs: list[str],
+    timeout: float,
+) -> dict[str, Any]:
+    """Start server ``name`` on core 0, run the bench on core 1 against it, stop the server."""
+    port = freePort()
+    command = SERVERS[name](port, logdir)
+    out = open(Path(logdir) / f"{name}-{port}.out", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        ["taskset", "-c", args.server_cpu, *command],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=HERE,
+        start_new_session=True,
+    )
+    try:
+        waitListening(port, proc, 30)
+        time.sleep(0.5)  # let the server finish starting before measuring its RSS
+        bench = [
+            "taskset",
+            "-c",
+            args.bench_cpu,
+            PY,
+            "-m",
+            "wschat.bench",
+            *benchArgs,
+            "--url",
+            f"{name}=ws://127.0.0.1:{port}/",
+            "--pid",
+            str(proc.pid),
+            "--json",
+        ]
+        if args.quiet:
+            bench.append("--quiet")
+        done = subprocess.run(bench, stdout=subprocess.PIPE, timeout=timeout, check=False)
+        if done.returncode != 0:
+            return {"server": name, "error": f"bench exited with status {done.returncode}"}
+        result: dict[str, Any] = json.loads(done.stdout)["runs"][0]
+        return result
+    except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
+        return {"server": name, "error": str(e)}
+    finally:
+        stop(proc)
+        out.close()
+
+
+def scenarios(args: argparse.Namespace) -> dict[str, list[str]]:
+    common = ["--clients", str(args.clients), "--size", "64"]
+    timing = ["--duration", str(args.duration), "--warmup", str(args.warmup)]
+    return {
+        "saturated": ["throughput", *common, "--senders", "10", "--inflight", "4", *timing],
+        "moderate": ["rate", *common, "--senders", "10", "--rate", "20", *timing],
+        "idle": ["idle", "--clients", str(args.idle_clients), "--duration", "3"],
+    }
+
+
+def fmt(v: float | None, kind: str) -> str:
+    if v is None:
+        return "-"
+    if kind == "rate":
+        return f"{v / 1000:.0f}k" if v >= 10000 else f"{v:,.0f}"
+    if kind == "ms":
+        return f"{v:.1f}"
+    if kind == "pct":
+        return f"{v:.0%}"
+    if kind == "kb":
+        return f"{v / 1024:.1f} KiB"
+    return str(v)
+
+
+METRICS: list[tuple[str, str, Callable[[dict[str, Any]], float | None], str, bool]] = [
+    # (label, scenario, getter, kind, higher is better)
+    (
+        "saturated: deliveries/s (1000 clients, 10 senders x 4 in flight)",
+        "saturated",
+        lambda r: r.get("deliveries_per_s"),
+        "rate",
+        True,
+    ),
+    (
+        "moderate: p50 latency ms (1000 clients, 20 msg/s)",
+        "moderate",
+        lambda r: _lat(r, "p50"),
+        "ms",
+        False,
+    ),
+    ("moderate: p99 latency ms", "moderate", lambda r: _lat(r, "p99"), "ms", False),
+    ("moderate: server CPU", "moderate", lambda r: r.get("server_cpu"), "pct", False),
+    ("idle: server RSS per connection", "idle", lambda r: r.get("rss_per_connection"), "kb", False),
+    ("handshakes/s", "idle", lambda r: r.get("handshakes_per_s"), "rate", True),
+]
+
+
+def _lat(r: dict[str, Any], p: str) -> float | None:
+    lat = r.get("latency_ms")
+    return None if lat is None else lat.get(p)
+
+
+def table(results: dict[str, dict[str, list[dict[str, Any]]]], servers: list[str]) -> str:
+    """Markdown: each cell holds every repetition's figure, and wschat's ratio to it."""
+    reference = "wschat"
+    lines = [
+        "| scenario | " + " | ".join(servers) + " |",
+        "|---|" + "---|" * len(servers),
+    ]
+    for label, scenario, get, kind, _higher in METRICS:
+        ours = [get(r) if "error" not in r else None for r in results[reference][scenario]]
+        cells = []
+        for name in servers:
+            runs = results[name][scenario]
+            values = [get(r) if "error" not in r else None for r in runs]
+            cell = " / ".join(fmt(v, kind) for v in values)
+            if name != reference:
+                ratios = [
+                    f"{o / v:.2f}" if o is not None and v else "-"
+                    for o, v in zip(ours, values, strict=False)
+                ]
+                cell += " (x" + " / ".join(ratios) + ")"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def problems(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
+    found = []
+    for name, byScenario in results.items():
+        for scenario, runs in byScenario.items():
+            for k, r in enumerate(runs, 1):
+                if "error" in r:
+                    found.append(f"{name} {scenario} #{k}: {r['error']}")
+                    continue
+                for w in r.get("warnings", []):
+                    found.append(f"{name} {scenario} #{k}: {w}")
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--servers", default=",".join(DEFAULT_SERVERS))
+    parser.add_argument("--scenarios", default="saturated,moderate,idle")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--idle-clients", type=int, default=5000)
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--server-cpu", default="0")
+    parser.add_argument("--bench-cpu", default="1")
+    parser.add_argument("--plot", help="also sweep rates and draw latency against load (PNG)")
+    parser.add_argument("--sweep", default="20,100,200,400", help="total msg/s for --plot")
+    parser.add_argument("--sweep-servers", default="wschat,autobahn-prepared,node-ws,picows")
+    parser.add_argument("--json", help="write every run's result here")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines from the bench")
+    args = parser.parse_args()
+
+    servers = [s for s in args.servers.split(",") if s]
+    unknown = [s for s in servers if s not in SERVERS]
+    if unknown:
+        parser.error(f"unknown servers {unknown}; known: {', '.join(SERVERS)}")
+    if "wschat" not in servers:
+        servers.insert(0, "wschat")
+    if shutil.which("taskset") is None:
+        parser.error("taskset (util-linux) is needed to pin server and load to cores")
+    wanted = [s for s in args.scenarios.split(",") if s]
+    all_ = scenarios(args)
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {
+        s: {sc: [] for sc in wanted} for s in servers
+    }
+    runTimeout = args.duration + args.warmup + 180
+    sweepResults: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="wschat-compare-") as logdir:
+        for rep in range(args.repeat):
+            for scenario in wanted:
+                # Alternate: every server runs this scenario before any runs the next one.
+                for name in servers:
+                    sys.stderr.write(f"== repetition {rep + 1}: {scenario} on {name}\n")
+                    r = runBench(name, args, logdir, all_[scenario], runTimeout)
+                    results[name][scenario].append(r)
+                    if "error" in r:
+                        sys.stderr.write(f"   FAILED: {r['error']}\n")
+        if args.plot:
+            timing = ["--duration", str(max(3.0, args.duration / 2)), "--warmup", "1"]
+            for rate in args.sweep.split(","):
+                for name in args.sweep_servers.split(","):
+                    sys.stderr.write(f"== sweep: {rate} msg/s on {name}\n")
+                    r = runBench(
+                        name,
+                        args,
+                        logdir,
+                        ["rate", "--clients", str(args.clients), "--rate", rate, *timing],
+                        runTimeout,
+                    )
+                    if "error" not in r:
+                        sweepResults.append(r)
+                    else:
+                        sys.stderr.write(f"   FAILED: {r['error']}\n")
+    print(table(results, servers))
+    found = problems(results)
+    if found:
+        print("\nWarnings:")
+        for p in found:
+            print(f"- {p}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"scenarios": results, "sweep": sweepResults}, f, indent=2)
+    if args.plot:
+        from wschat.bench.cli import plot
+
+        plot(sweepResults, args.plot)
+        print(f"\nchart: {args.plot}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

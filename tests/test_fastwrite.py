@@ -1,0 +1,411 @@
+"""
+The write fast path, over real loopback TCP, TLS and UNIX connections.
+
+These tests also pin the Twisted behaviour the fast path relies on: a plain TCP transport's
+queued bytes are visible in ``dataBuffer``/``_tempDataBuffer``, and a streaming producer is
+paused only while bytes are queued.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import hashlib
+import os
+
+import pytest
+import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import defer, endpoints, protocol, reactor, ssl, tcp, unix
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+from wschat import fastwrite
+
+
+class Recorder(protocol.Protocol):
+    """Keeps what it receives; ``waitFor(n)`` fires once ``n`` bytes are in."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.waiting: list[tuple[int, defer.Deferred[bytes]]] = []
+        self.connected_: defer.Deferred[Recorder] = defer.Deferred()
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.connected_.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        still = []
+        for n, d in self.waiting:
+            if len(self.received) >= n:
+                d.callback(bytes(self.received))
+            else:
+                still.append((n, d))
+        self.waiting = still
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost.callback(None)
+
+    def waitFor(self, n: int) -> defer.Deferred[bytes]:
+        if len(self.received) >= n:
+            return defer.succeed(bytes(self.received))
+        d: defer.Deferred[bytes] = defer.Deferred()
+        self.waiting.append((n, d))
+        return d
+
+
+class RecorderFactory(protocol.ClientFactory):
+    def __init__(self) -> None:
+        self.built: defer.Deferred[Recorder] = defer.Deferred()
+
+    def buildProtocol(self, addr: object) -> Recorder:
+        p = Recorder()
+        p.factory = self
+        p.connected_.chainDeferred(self.built)
+        return p
+
+
+class Pair:
+    """A connected server and client, and their cleanup."""
+
+    def __init__(self, port: object, server: Recorder, client: Recorder) -> None:
+        self.port = port
+        self.server = server
+        self.client = client
+
+    async def close(self) -> None:
+        for p in (self.server, self.client):
+            if p.transport is not None:
+                p.transport.abortConnection()
+        await defer.gatherResults([self.server.lost, self.client.lost])
+        await self.port.stopListening()
+
+
+async def tcpPair() -> Pair:
+    serverFactory = RecorderFactory()
+    port = reactor.listenTCP(0, serverFactory, interface="127.0.0.1")
+    clientFactory = RecorderFactory()
+    reactor.connectTCP("127.0.0.1", port.getHost().port, clientFactory)
+    client = await clientFactory.built
+    server = await serverFactory.built
+    return Pair(port, server, client)
+
+
+class StubSocket:
+    """A socket whose first ``send`` misbehaves as told; later calls go to the real one."""
+
+    def __init__(self, real: object, first: object) -> None:
+        self.real = real
+        self.first = first
+        self.calls = 0
+
+    def send(self, data: bytes) -> int:
+        self.calls += 1
+        if self.calls == 1:
+            if isinstance(self.first, BaseException):
+                raise self.first
+            return self.real.send(bytes(data)[: self.first])
+        return self.real.send(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+
+# -- the Twisted behaviour relied on
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_transport_shows_queued_bytes():
+    """Pins Twisted: write() queues in _tempDataBuffer; a flushed transport has both empty."""
+    pair = await tcpPair()
+    try:
+        t = pair.server.transport
+        assert type(t) is tcp.Server
+        assert t.dataBuffer == b"" and t._tempDataBuffer == []
+        t.write(b"queued")
+        assert t._tempDataBuffer == [b"queued"]
+        await pair.client.waitFor(6)
+        assert not t.dataBuffer and not t._tempDataBuffer
+        assert type(pair.client.transport) is tcp.Client
+    finally:
+        await pair.close()
+
+
+@implementer(IPushProducer)
+class Producer:
+    paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@pytest_twisted.ensureDeferred
+async def test_paused_producer_means_bytes_queued():
+    """Pins Twisted: a streaming producer is paused only when the buffer is over the limit."""
+    pair = await tcpPair()
+    try:
+        t = pair.server.transport
+        producer = Producer()
+        t.registerProducer(producer, True)
+        t.write(b"x" * (t.bufferSize + 1))
+        assert producer.paused
+        assert not fastwrite.canSendDirectly(t)
+        assert fastwrite.write(t, b"tail") == 0
+        await pair.client.waitFor(t.bufferSize + 5)
+        assert not producer.paused
+        assert pair.client.received.endswith(b"xtail")
+        t.unregisterProducer()
+    finally:
+        await pair.close()
+
+
+# -- the fast path
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_transport_sends_at_once():
+    """With nothing queued, the kernel takes the frame now: Twisted's buffer stays empty."""
+    pair = await tcpPair()
+    try:
+        t = pair.server.transport
+        assert fastwrite.canSendDirectly(t)
+        assert fastwrite.write(t, b"hello") == 5
+        assert not t._tempDataBuffer and not t.dataBuffer
+        assert await pair.client.waitFor(5) == b"hello"
+    finally:
+        await pair.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_queued_data_goes_behind_the_queue():
+    """With bytes already queued, the frame is queued after them: order is kept."""
+    pair = await tcpPair()
+    try:
+        t = pair.server.transport
+        t.write(b"first ")
+        assert not fastwrite.canSendDirectly(t)
+        assert fastwrite.write(t, b"second") == 0
+        assert t._tempDataBuffer == [b"first ", b"second"]
+        assert await pair.client.waitFor(12) == b"first second"
+    finally:
+        await pair.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_partial_send_queues_the_rest():
+    """When the kernel takes part of the frame, the rest goes to the transport, in order."""
+    pair = await tcpPair()
+    try:
+        t = pair.server.transport
+        t.socket = StubSocket(t.socket, 3)
+        assert fastwrite.write(t, b"abcdefgh") == 3
+        assert t._tempDataBuffer == [b"defgh"]
+        assert fastwrite.write(t, b"ij") == 0
+        assert await pair.client.waitFor(10) == b"abcdefghij"
+    finally:
+        t.socket = t.socket.real
+        await pair.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_eagain_queues_everything():
+    """When the kernel refuses (EAGAIN), the whole frame waits for the reactor."""
+    pair = await tcpPair()
+    try:
+        t = pair.server.transport
+        t.socket = StubSocket(t.socket, BlockingIOError(errno.EAGAIN, "full"))
+        assert fastwrite.write(t, b"refused") == 0
+        assert t._tempDataBuffer == [b"refused"]
+        assert await pair.client.waitFor(7) == b"refused"
+    finally:
+        t.socket = t.socket.real
+        await pair.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_socket_error_is_left_to_twisted():
+    """Any other send error hands the frame to transport.write, whose own path handles it."""
+    pair = await tcpPair()
+    try:
+        t = pair.server.transport
+        t.socket = StubSocket(t.socket, ConnectionResetError(errno.ECONNRESET, "reset"))
+        assert fastwrite.write(t, b"retry") == 0
+        assert t._tempDataBuffer == [b"retry"]
+        assert await pair.client.waitFor(5) == b"retry"
+    finally:
+        t.socket = t.socket.real
+        await pair.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_partial_send_of_a_large_frame():
+    """A frame larger than the socket buffer: the kernel takes part, the peer gets all, in order."""
+    pair = await tcpPair()
+    try:
+        t = pair.server.transport
+        big = os.urandom(1 << 20) * 16
+        sent = fastwrite.write(t, big)
+        assert 0 < sent < len(big)
+        fastwrite.write(t, b"end")
+        got = await pair.client.waitFor(len(big) + 3)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(big + b"end").digest()
+    finally:
+        await pair.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_disconnecting_transport_is_not_bypassed():
+    """After loseConnection the frame goes through transport.write (which may drop it)."""
+    pair = await tcpPair()
+    try:
+        t = pair.server.transport
+        t.loseConnection()
+        assert not fastwrite.canSendDirectly(t)
+        assert fastwrite.write(t, b"late") == 0
+    finally:
+        await pair.close()
+
+
+def test_missing_attributes_fall_back():
+    """A TCP transport without the private attributes (another Twisted) is never bypassed."""
+    bare = object.__new__(tcp.Server)
+    assert not fastwrite.canSendDirectly(bare)
+
+
+class Writes:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+def test_other_transports_use_write():
+    """Anything that is not exactly a TCP connection (wrappers, test doubles) gets write()."""
+    w = Writes()
+    assert fastwrite.write(w, b"frame") == 0
+    assert w.written == [b"frame"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unix_socket_uses_write(tmp_path):
+    """A UNIX-socket connection is never bypassed, and its frame still arrives."""
+    path = str(tmp_path / "s.sock")
+    serverFactory = RecorderFactory()
+    port = reactor.listenUNIX(path, serverFactory)
+    clientFactory = RecorderFactory()
+    reactor.connectUNIX(path, clientFactory)
+    client = await clientFactory.built
+    server = await serverFactory.built
+    pair = Pair(port, server, client)
+    try:
+        assert isinstance(server.transport, unix.Server)
+        assert not fastwrite.canSendDirectly(server.transport)
+        assert fastwrite.write(server.transport, b"over unix") == 0
+        assert await client.waitFor(9) == b"over unix"
+    finally:
+        await pair.close()
+
+
+def selfSigned() -> ssl.PrivateCertificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    private = ssl.PrivateCertificate.loadPEM(pem)
+    private.certPEM = pem  # for the client's trust root
+    return private
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_uses_write():
+    """A TLS connection is never bypassed: the frame is encrypted and arrives as plaintext."""
+    cert = selfSigned()
+    serverFactory = RecorderFactory()
+    endpoint = endpoints.SSL4ServerEndpoint(reactor, 0, cert.options(), interface="127.0.0.1")
+    port = await endpoint.listen(serverFactory)
+    clientFactory = RecorderFactory()
+    clientEndpoint = endpoints.SSL4ClientEndpoint(
+        reactor,
+        "127.0.0.1",
+        port.getHost().port,
+        ssl.optionsForClientTLS("localhost", trustRoot=ssl.Certificate.loadPEM(cert.certPEM)),
+    )
+    await clientEndpoint.connect(clientFactory)
+    client = await clientFactory.built
+    server = await serverFactory.built
+    pair = Pair(port, server, client)
+    try:
+        assert not fastwrite.canSendDirectly(server.transport)
+        assert fastwrite.write(server.transport, b"secret") == 0
+        assert await client.waitFor(6) == b"secret"
+    finally:
+        await pair.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_started_tls_uses_write():
+    """A plain TCP connection that has started TLS is no longer bypassed."""
+    pair = await tcpPair()
+    try:
+        t = pair.server.transport
+        assert fastwrite.canSendDirectly(t)
+        t.startTLS(selfSigned().options())
+        assert not fastwrite.canSendDirectly(t)
+    finally:
+        await pair.close()
+
+
+class FakeFrame:
+    payloadHybi = b"\x81\x02hi"
+
+
+class FakeProtocol:
+    def __init__(self, compress: object, queued: list[object]) -> None:
+        self._perMessageCompress = compress
+        self.send_queue = queued
+        self.transport = Writes()
+        self.prepared: list[object] = []
+
+    def sendPreparedMessage(self, frame: object) -> None:
+        self.prepared.append(frame)
+
+
+@pytest.mark.parametrize(
+    ("compress", "queued", "direct"),
+    [(None, [], True), (object(), [], False), (None, [b"chopped"], False)],
+)
+def test_send_prepared_uses_frame_bytes_only_uncompressed(compress, queued, direct):
+    """The prepared frame's bytes are written as they are only without compression or queue."""
+    p = FakeProtocol(compress, queued)
+    fastwrite.sendPrepared(p, FakeFrame)
+    if direct:
+        assert p.transport.written == [FakeFrame.payloadHybi] and p.prepared == []
+    else:
+        assert p.transport.written == [] and p.prepared == [FakeFrame]

@@ -1,0 +1,253 @@
+"""
+The load tool's wire format: the payload it sends, the frames it writes, and a minimal reader.
+
+A bench payload is ASCII text, so a server may relay it as a text message and prefix it::
+
+    #wsb<run>#<sender:6><seq:10><sent µs:16>xxxx...
+
+``<run>`` (4 hex digits) tells one run's messages from another's; the fields after the marker
+are fixed-width decimal. The reader looks for the marker *inside* each message, so it works
+against servers that relay payloads unchanged and against servers that prefix them
+(``127.0.0.1:5000: #wsb...``). Messages without the marker (a greeting) are ignored.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+SENDER_DIGITS = 6
+SEQ_DIGITS = 10
+TIME_DIGITS = 16
+FIELDS = SENDER_DIGITS + SEQ_DIGITS + TIME_DIGITS
+
+OP_CONTINUATION = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+
+
+def marker(run: int) -> bytes:
+    """The marker of run ``run`` (0-65535). It cannot overlap itself, so counts are exact."""
+    if not 0 <= run <= 0xFFFF:
+        raise ValueError(f"run id {run} is not in 0-65535")
+    return b"#wsb%04x#" % run
+
+
+def minimumSize(run: int) -> int:
+    """The smallest payload that holds the marker and the fields."""
+    return len(marker(run)) + FIELDS
+
+
+def payload(mark: bytes, sender: int, seq: int, sentMicros: int, size: int) -> bytes:
+    """One bench payload of exactly ``size`` bytes (at least :func:`minimumSize`)."""
+    head = b"%s%06d%010d%016d" % (mark, sender, seq, sentMicros)
+    if len(head) > size:
+        raise ValueError(f"payload size {size} is below the minimum {len(head)}")
+    return head + b"x" * (size - len(head))
+
+
+def clientFrame(data: bytes, opcode: int = OP_TEXT) -> bytes:
+    """
+    A final client-to-server frame carrying ``data``.
+
+    Clients must mask; the mask key is zero, which RFC 6455 allows on the wire and every
+    server accepts, so masking is the identity and costs nothing.
+    """
+    n = len(data)
+    b0 = 0x80 | opcode
+    if n < 126:
+        head = struct.pack("!BB", b0, 0x80 | n)
+    elif n <= 0xFFFF:
+        head = struct.pack("!BBH", b0, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", b0, 0x80 | 127, n)
+    return head + b"\0\0\0\0" + data
+
+
+def serverFrame(data: bytes, opcode: int = OP_TEXT) -> bytes:
+    """An unmasked server-to-client frame (for tests and the fake servers in them)."""
+    n = len(data)
+    b0 = 0x80 | opcode
+    if n < 126:
+        return struct.pack("!BB", b0, n) + data
+    if n <= 0xFFFF:
+        return struct.pack("!BBH", b0, 126, n) + data
+    return struct.pack("!BBQ", b0, 127, n) + data
+
+
+@dataclass(slots=True)
+class Tally:
+    """What one client has seen of the run's messages."""
+
+    received: int = 0
+    reordered: int = 0
+    gaps: int = 0
+    #: Latencies (µs) of messages sent inside the measured window.
+    latencies: list[int] = field(default_factory=list)
+
+
+class FrameReader:
+    """
+    Reads the server-to-client frames of one connection and tallies bench messages.
+
+    Walks frame headers only; within each data frame it looks for the run's marker and reads
+    the fixed-width fields after it. ``onOwn(seq)`` is called for messages this client sent
+    (its own echo, the closed loop's acknowledgement); ``onControl(opcode, data)`` for pings
+    and closes.
+
+    Order is checked per sender: a sequence number at or below the last one seen from that
+    sender counts as reordered; one that skips ahead counts its gap (lost, unless it turns up
+    later out of order).
+    """
+
+    __slots__ = (
+        "_buf",
+        "_mark",
+        "_markLen",
+        "_own",
+        "_last",
+        "tally",
+        "window",
+        "onOwn",
+        "onControl",
+    )
+
+    def __init__(
+        self,
+        mark: bytes,
+        own: int = -1,
+        onOwn: Callable[[int], None] | None = None,
+        onControl: Callable[[int, bytes], None] | None = None,
+    ) -> None:
+        self._buf = b""
+        self._mark = mark
+        self._markLen = len(mark)
+        self._own = own
+        self._last: dict[int, int] = {}
+        self.tally = Tally()
+        #: Messages sent in [start, end) µs have their latency recorded.
+        self.window = (0, 0)
+        self.onOwn = onOwn
+        self.onControl = onControl
+
+    def feed(self, data: bytes, nowMicros: int) -> None:
+        """Read ``data``, which arrived at ``nowMicros``; a partial frame waits for more."""
+        buf = self._buf + data if self._buf else data
+        n = len(buf)
+        i = 0
+        mark = self._mark
+        ml = self._markLen
+        last = self._last
+        tally = self.tally
+        lat = tally.latencies
+        start, end = self.window
+        own = self._own
+        while n - i >= 2:
+            b1 = buf[i + 1] & 0x7F
+            if b1 < 126:
+                h = i + 2
+                length = b1
+            elif b1 == 126:
+                if n - i < 4:
+                    break
+                h = i + 4
+                length = (buf[i + 2] << 8) | buf[i + 3]
+            else:
+                if n - i < 10:
+                    break
+                h = i + 10
+                length = int.from_bytes(buf[i + 2 : h], "big")
+            if buf[i + 1] & 0x80:
+                h += 4  # a masked frame: servers must not send one, but read past the key
+            e = h + length
+            if e > n:
+                break
+            op = buf[i] & 0x0F
+            i = e
+            if op < OP_CLOSE:
+                j = buf.find(mark, h, e)
+                if j < 0 or e - j < ml + FIELDS:
+                    continue
+                j += ml
+                sender = int(buf[j : j + SENDER_DIGITS])
+                seq = int(buf[j + SENDER_DIGITS : j + SENDER_DIGITS + SEQ_DIGITS])
+                sent = int(buf[j + SENDER_DIGITS + SEQ_DIGITS : j + FIELDS])
+                tally.received += 1
+                prev = last.get(sender, -1)
+                if seq > prev:
+                    tally.gaps += seq - prev - 1
+                    last[sender] = seq
+                else:
+                    tally.reordered += 1
+                if start <= sent < end:
+                    lat.append(nowMicros - sent)
+                if sender == own and self.onOwn is not None:
+                    self.onOwn(seq)
+            elif self.onControl is not None:
+                self.onControl(op, bytes(buf[h:e]))
+        self._buf = buf[i:] if i < n else b""
+
+
+class MarkerCounter:
+    """
+    Counts a run's messages in a byte stream without reading frames: the cheap receiver.
+
+    The marker cannot overlap itself, so counting it in the stream (keeping the bytes that
+    might start a marker split across reads) counts messages exactly. It neither answers
+    pings nor checks order; :class:`FrameReader` does.
+    """
+
+    __slots__ = ("_mark", "_keep", "_tail", "tally")
+
+    def __init__(self, mark: bytes) -> None:
+        self._mark = mark
+        self._keep = len(mark) - 1
+        self._tail = b""
+        self.tally = Tally()
+
+    def feed(self, data: bytes, nowMicros: int = 0) -> None:
+        buf = self._tail + data
+        self.tally.received += buf.count(self._mark)
+        self._tail = buf[-self._keep :]
+
+
+def handshakeRequest(host: str, port: int, path: str) -> bytes:
+    """The opening handshake: a fixed key is fine, the server only hashes it."""
+    hostHeader = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return (
+        f"GET {path} HTTP/1.1\r\n"
+        f"Host: {hostHeader}\r\n"
+        "Upgrade: websocket\r\n"
+        "Connection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n"
+        "\r\n"
+    ).encode("ascii")
+
+
+class HandshakeError(Exception):
+    """The server did not switch protocols."""
+
+
+def handshakeResponse(buf: bytes) -> tuple[bool, bytes]:
+    """
+    Read the server's handshake response from ``buf``.
+
+    Returns ``(False, buf)`` while the headers are incomplete, ``(True, rest)`` once the
+    server switched protocols (``rest`` is the first frame data); raises
+    :class:`HandshakeError` for any other answer.
+    """
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buf) > 65536:
+            raise HandshakeError("handshake response headers longer than 64 KiB")
+        return False, buf
+    status = buf[: buf.find(b"\r\n")]
+    parts = status.split(None, 2)
+    if len(parts) < 2 or parts[1] != b"101":
+        raise HandshakeError(f"server answered {status.decode('latin-1')!r}, not 101")
+    return True, buf[end + 4 :]
