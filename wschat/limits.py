@@ -42,9 +42,9 @@ def raiseFileLimit(wanted: int = WANTED_FILES) -> tuple[int, int]:
 
 def withBacklog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
     """
-    ``description`` with a listen backlog added, if it is a TCP endpoint that names none.
+    ``description`` with a listen backlog added, if it is a TCP or TLS endpoint naming none.
     """
     kind = description.split(":", 1)[0].strip().lower()
-    if kind not in ("tcp", "tcp6") or "backlog=" in description:
+    if kind not in ("tcp", "tcp6", "ssl") or "backlog=" in description:
         return description
     return f"{description}:backlog={backlog}"

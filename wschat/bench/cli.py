@@ -274,7 +274,9 @@ class Run:
         self.replies: dict[int, dict[str, Any]] = {}
 
     def _poll(self, pipes: list[Connection], timeout: float, verb: str) -> None:
-        for pipe in wait(pipes, timeout):
+        # A worker that has answered ``verb`` may exit: its pipe's end is no news then.
+        waiting = [p for i, p in enumerate(pipes) if not (verb and i in self.replies)]
+        for pipe in wait(waiting, timeout):
             assert isinstance(pipe, Connection)
             index = pipes.index(pipe)
             try:
@@ -389,11 +391,12 @@ class Run:
             c = self._totals()[0]
             left = end - time.monotonic()
             self.progress.show(f"[{self.name}] idle: holding {c} connections, {left:.0f} s left")
-        held, _, _, closed = self._totals()
         rssEnd = processRssBytes(pid) if pid else None
         for pipe in pipes:
             pipe.send(("finish", 0))
         self._await(pipes, "result", time.monotonic() + 30, lambda: f"[{self.name}] idle: closing")
+        held = sum(r["open"] for r in self.replies.values())
+        closed = sum(r["closed"] for r in self.replies.values())
         result["held"] = held
         result["dropped"] = closed
         if closed:

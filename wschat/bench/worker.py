@@ -318,6 +318,7 @@ class Worker:
                 "result",
                 {
                     "connected": len(self.clients),
+                    "open": sum(1 for c in self.clients if c.open and not c.closed),
                     "closed": self.closed,
                     "sent": self.sent,
                     "received": self.received(),
