@@ -19,11 +19,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import defer, endpoints, protocol, reactor, ssl, tcp, unix
+from twisted.internet import defer, endpoints, protocol, reactor, ssl, task, tcp, unix
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from wschat import fastwrite
+from wschat.bench import frames
 
 
 class Recorder(protocol.Protocol):
@@ -382,30 +383,141 @@ async def test_started_tls_uses_write():
         await pair.close()
 
 
+class CountingSocket:
+    """Passes sends to the real socket and keeps what each one carried."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+        self.sends: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        self.sends.append(bytes(data))
+        return self.real.send(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_coalescer_sends_one_turn_in_one_write():
+    """Frames for one connection within a turn leave together, in one send, at the turn's end."""
+    pair = await tcpPair()
+    clock = task.Clock()
+    c = fastwrite.Coalescer(clock)
+    t = pair.server.transport
+    t.socket = CountingSocket(t.socket)
+    try:
+        c.add(t, b"one ")
+        c.add(t, b"two")
+        assert c.pending == {t: [b"one ", b"two"]} and t.socket.sends == []
+        assert not t._tempDataBuffer
+        clock.advance(0)
+        assert c.pending == {} and t.socket.sends == [b"one two"]
+        assert await pair.client.waitFor(7) == b"one two"
+    finally:
+        t.socket = t.socket.real
+        await pair.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_coalescer_leaves_a_queued_transport_to_twisted():
+    """A transport with bytes queued gets the frame at once, behind them; nothing is held."""
+    pair = await tcpPair()
+    clock = task.Clock()
+    c = fastwrite.Coalescer(clock)
+    t = pair.server.transport
+    try:
+        t.write(b"queued ")
+        c.add(t, b"frame")
+        assert c.pending == {} and clock.getDelayedCalls() == []
+        assert t._tempDataBuffer == [b"queued ", b"frame"]
+        assert await pair.client.waitFor(12) == b"queued frame"
+    finally:
+        await pair.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_flush_one_keeps_order_with_a_later_write():
+    """flushOne sends what is held before another write on the same transport."""
+    pair = await tcpPair()
+    clock = task.Clock()
+    c = fastwrite.Coalescer(clock)
+    t = pair.server.transport
+    try:
+        c.add(t, b"held ")
+        c.flushOne(t)
+        t.write(b"after")
+        clock.advance(0)
+        assert await pair.client.waitFor(10) == b"held after"
+    finally:
+        await pair.close()
+
+
 class FakeFrame:
     payloadHybi = b"\x81\x02hi"
 
 
-class FakeProtocol:
+class AutobahnLike:
+    """Stands for Autobahn's protocol: sendData writes to the transport."""
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        self.transport.write(data)
+
+    def sendPreparedMessage(self, frame: object) -> None:
+        self.prepared.append(frame)
+
+
+class Delivering(fastwrite.FastDelivery, AutobahnLike):
     def __init__(self, compress: object, queued: list[object]) -> None:
         self._perMessageCompress = compress
         self.send_queue = queued
         self.transport = Writes()
         self.prepared: list[object] = []
-
-    def sendPreparedMessage(self, frame: object) -> None:
-        self.prepared.append(frame)
+        self.coalescer = fastwrite.Coalescer(task.Clock())
 
 
 @pytest.mark.parametrize(
     ("compress", "queued", "direct"),
     [(None, [], True), (object(), [], False), (None, [b"chopped"], False)],
 )
-def test_send_prepared_uses_frame_bytes_only_uncompressed(compress, queued, direct):
+def test_frame_bytes_used_only_uncompressed(compress, queued, direct):
     """The prepared frame's bytes are written as they are only without compression or queue."""
-    p = FakeProtocol(compress, queued)
-    fastwrite.sendPrepared(p, FakeFrame)
+    p = Delivering(compress, queued)
+    p.sendPreparedFast(FakeFrame)
     if direct:
         assert p.transport.written == [FakeFrame.payloadHybi] and p.prepared == []
     else:
         assert p.transport.written == [] and p.prepared == [FakeFrame]
+
+
+def test_any_other_write_flushes_held_frames_first():
+    """sendData (every other Autobahn write: close, pong) first sends the frames held."""
+    p = Delivering(None, [])
+    p.coalescer.pending[p.transport] = [b"held"]
+    p.sendData(b"close")
+    assert p.transport.written == [b"held", b"close"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_echo_precedes_close_reply(daemon):
+    """A message and a close in one packet: the client gets its echo before the close reply."""
+    service, url = daemon("--format", "raw", "--welcome", "")
+    port = service.ports[0].getHost().port
+    factory = RecorderFactory()
+    reactor.connectTCP("127.0.0.1", port, factory)
+    client = await factory.built
+    try:
+        client.transport.write(frames.handshakeRequest("127.0.0.1", port, "/"))
+        head = await client.waitFor(1)
+        while b"\r\n\r\n" not in head:
+            head = await client.waitFor(len(head) + 1)
+        start = head.index(b"\r\n\r\n") + 4
+        client.transport.write(
+            frames.clientFrame(b"bye") + frames.clientFrame(b"\x03\xe8", frames.OP_CLOSE)
+        )
+        expected = frames.serverFrame(b"bye") + frames.serverFrame(b"\x03\xe8", frames.OP_CLOSE)
+        got = await client.waitFor(start + len(expected))
+        assert got[start:] == expected
+    finally:
+        client.transport.abortConnection()
+        await client.lost

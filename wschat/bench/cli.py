@@ -67,7 +67,14 @@ class Options(usage.Options):
         ["processes", "j", None, "Worker processes (default: one per usable core).", int],
         ["concurrency", None, 200, "Handshakes in progress at once, per process.", int],
         ["connect-timeout", None, 30.0, "Seconds allowed for one connection to open.", float],
-        ["verify", None, "all", "Clients reading every frame: 'all' or a number (+senders).", None],
+        [
+            "verify",
+            None,
+            "100",
+            "Clients that read every frame and check order and latency, besides the senders: "
+            "a number or 'all'. The others only count messages (loss stays exact for all).",
+            None,
+        ],
         ["pid", None, None, "Server process id: report its CPU and RSS.", int],
         ["plot", None, None, "Write a PNG of latency against offered load (rate sweeps)."],
         ["run-id", None, None, "Marker run id 0-65535 (default: random).", int],
