@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from wschat import fastwrite
 from wschat.bench import frames
+from wschat.testing import connect
 
 
 class Recorder(protocol.Protocol):
@@ -521,3 +522,18 @@ async def test_echo_precedes_close_reply(daemon):
     finally:
         client.transport.abortConnection()
         await client.lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_daemon_connections_take_the_fast_path(daemon):
+    """A client of the daemon (handshake through the web site) is a plain TCP transport."""
+    service, url = daemon("--format", "raw", "--welcome", "")
+    client = await connect(url)
+    try:
+        (member,) = list(service.factory.room)
+        assert fastwrite.canSendDirectly(member.transport)
+        client.sendText("fast")
+        assert await client.nextText() == "fast"
+    finally:
+        client.sendClose(1000)
+        await client.closed
