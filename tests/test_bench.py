@@ -214,3 +214,17 @@ class TestPlans:
         assert phases == [0.0, 0.025, 0.05, 0.075]
         verifiers = [v for p in ps for v in p.verifiers]
         assert len(verifiers) == 2 and not set(verifiers) & set(senders)
+
+
+class TestSchedule:
+    def test_late_send_carries_its_scheduled_time(self):
+        """A message sent after its time counts the delay: it carries the scheduled time."""
+        from wschat.bench.worker import sentStamp
+
+        assert sentStamp(1.0, 1_000_500) == 1_000_000
+
+    def test_early_send_carries_its_real_time(self):
+        """A message sent before its time (timer fired early) carries the real send time."""
+        from wschat.bench.worker import sentStamp
+
+        assert sentStamp(1.0, 999_400) == 999_400

@@ -63,8 +63,12 @@ class Plan:
     connectTimeout: float
 
 
-def nowMicros() -> int:
-    return time.monotonic_ns() // 1000
+def sentStamp(due: float, nowMicros: int) -> int:
+    """
+    The send time a rate-mode message carries (µs): its scheduled time when sent late, so
+    the delay counts as latency; the real time when the timer fired early.
+    """
+    return min(int(due * 1e6), nowMicros)
 
 
 class BenchClient(asyncio.Protocol):
@@ -282,7 +286,7 @@ class Worker:
         now = time.monotonic()
         end = self.windowEnd
         while due <= now + 0.001 and due < end:
-            client.send(max(int(due * 1e6), time.monotonic_ns() // 1000))
+            client.send(sentStamp(due, time.monotonic_ns() // 1000))
             due += interval
         if due < end:
             self.loop.call_later(max(0.0, due - now - 0.001), self._tick, client, due, interval)
