@@ -23,7 +23,7 @@ from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
 from autobahn.websocket.types import ConnectionRequest
 from twisted.logger import Logger
 
-from wschat import fastwrite
+from wschat import fastwrite, lean
 from wschat.closing import UNSUPPORTED_DATA, closeWith
 from wschat.metrics import Metrics
 from wschat.room import Room
@@ -127,6 +127,12 @@ class ChatServerFactory(WebSocketServerFactory):
         self.room = Room(self.prepareMessage, fmt, metrics=self.metrics, now=self.reactor.seconds)
         self.welcome = welcome.encode("utf-8")
         self.logMessages = logMessages
+
+    def buildProtocol(self, addr: Any) -> Any:
+        # Options as class attributes, not copied onto every connection: see wschat.lean.
+        p: ChatServerProtocol = lean.protocolClass(self)()
+        p.factory = self
+        return p
 
     def greeting(self, connection: ChatServerProtocol) -> bytes:
         """

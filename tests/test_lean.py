@@ -1,0 +1,71 @@
+"""Autobahn's options as class attributes: connections share them instead of copying them."""
+
+from __future__ import annotations
+
+import pytest_twisted
+from autobahn.twisted.websocket import WebSocketServerProtocol
+
+from wschat import lean
+from wschat.protocol import ChatServerFactory, ChatServerProtocol
+from wschat.testing import connect
+
+
+def test_factory_options_become_class_attributes():
+    """The class built for a factory carries every option with the factory's value."""
+    factory = ChatServerFactory()
+    factory.setProtocolOptions(autoPingInterval=7)
+    cls = lean.protocolClass(factory)
+    assert issubclass(cls, ChatServerProtocol) and cls.__name__ == "ChatServerProtocol"
+    instance = cls()
+    for name in WebSocketServerProtocol.CONFIG_ATTRS:
+        assert getattr(instance, name) == getattr(factory, name), name
+    assert cls.autoPingInterval == 7
+    assert lean.protocolClass(factory) is cls
+
+
+def test_function_options_stay_plain_functions():
+    """A callable option (compression accept) is not turned into a method of the class."""
+    factory = ChatServerFactory()
+
+    def accept(offers):
+        return ("accepted", offers)
+
+    factory.setProtocolOptions(perMessageCompressionAccept=accept)
+    instance = lean.protocolClass(factory)()
+    assert instance.perMessageCompressionAccept is accept
+    assert instance.perMessageCompressionAccept(["o"]) == ("accepted", ["o"])
+
+
+def test_changed_options_make_a_new_class():
+    """setProtocolOptions after connections exist applies to new connections only."""
+    factory = ChatServerFactory()
+    first = lean.protocolClass(factory)
+    factory.setProtocolOptions(maxMessagePayloadSize=1234)
+    second = lean.protocolClass(factory)
+    assert second is not first
+    assert (first.maxMessagePayloadSize, second.maxMessagePayloadSize) == (0, 1234)
+
+
+def test_factories_do_not_share_options():
+    """Two factories (two daemons in one process) keep their own options."""
+    a, b = ChatServerFactory(), ChatServerFactory()
+    a.setProtocolOptions(maxFramePayloadSize=10)
+    assert lean.protocolClass(a).maxFramePayloadSize == 10
+    assert lean.protocolClass(b).maxFramePayloadSize == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_connection_holds_no_option_copies(daemon):
+    """Pins Autobahn: an option the class already has is not copied onto the connection."""
+    service, url = daemon("--format", "raw", "--welcome", "")
+    client = await connect(url)
+    try:
+        (member,) = list(service.factory.room)
+        copied = set(WebSocketServerProtocol.CONFIG_ATTRS) & set(vars(member))
+        assert copied == set()
+        assert member.openHandshakeTimeout == service.factory.openHandshakeTimeout
+        client.sendText("still relays")
+        assert await client.nextText() == "still relays"
+    finally:
+        client.sendClose(1000)
+        await client.closed
