@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import resource
 
 import pytest
 
 from wschat.limits import raiseFileLimit, withBacklog
+from wschat.tap import Options, makeService
 
 
 @pytest.mark.parametrize(
@@ -33,3 +35,14 @@ def test_file_limit_is_raised_never_lowered():
     assert soft >= before[0]
     assert soft == before[0] + 1 or soft == hard
     assert raiseFileLimit(1) == (soft, hard)
+
+
+def test_daemon_start_freezes_what_exists():
+    """makeService leaves the objects alive at start out of the collector's full passes."""
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    options = Options()
+    options.parseOptions(["--port", "0"])
+    makeService(options)
+    assert gc.get_freeze_count() > 1000
+    gc.unfreeze()

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
-from wschat.limits import raiseFileLimit, withBacklog
+from wschat.limits import freezeStartupObjects, raiseFileLimit, withBacklog
 from wschat.protocol import DEFAULT_WELCOME, ChatServerFactory
 from wschat.web import makeMetricsSite, makeSite
 from wschat.wire import Format
@@ -186,9 +186,11 @@ class ChatService(service.MultiService):
 
 def makeService(options: Options) -> ChatService:
     raiseFileLimit()
-    return ChatService(
+    chat = ChatService(
         makeFactory(options),
         options["listen"],
         metricsListen=options["metrics-listen"],
         metrics=not options["no-metrics"],
     )
+    freezeStartupObjects()
+    return chat
