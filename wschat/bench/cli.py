@@ -464,6 +464,7 @@ class Run:
 
         # Sending has stopped; wait for what is still on its way.
         drainEnd = time.monotonic() + options["drain"]
+        drained = False
         while time.monotonic() < drainEnd:
             self._poll(pipes, 0.1, "")
             c, s, r, d = self._totals()
@@ -473,7 +474,14 @@ class Run:
                 self._poll(pipes, 2 * worker.PROGRESS_INTERVAL, "")
                 c, s2, r2, d = self._totals()
                 if s2 == s and r2 == r:
+                    drained = True
                     break
+        if not drained:
+            c, s, r, d = self._totals()
+            warnings.append(
+                f"deliveries were still arriving when the {options['drain']:g} s drain ended: "
+                "those not yet arrived count as lost (the server was overloaded)"
+            )
         totalSent = self._totals()[1]
         for pipe in pipes:
             pipe.send(("finish", totalSent))
