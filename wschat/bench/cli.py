@@ -628,6 +628,7 @@ def plot(results: Sequence[dict[str, Any]], path: str) -> None:
         ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig, ax = plt.subplots(figsize=(8, 5))
     servers: dict[str, list[dict[str, Any]]] = {}
@@ -644,6 +645,10 @@ def plot(results: Sequence[dict[str, Any]], path: str) -> None:
             ax.plot(x, y, style, marker="o", color=colour, label=f"{name} {point}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    loads = sorted({r["offered_rate"] * r["connected"] for r in results if r["mode"] == "rate"})
+    ax.set_xticks(loads)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("offered load (deliveries/s = messages/s × clients)")
     ax.set_ylabel("latency (ms)")
     ax.set_title("Broadcast latency against offered load")
