@@ -9,6 +9,8 @@ Wire protocol (see also :mod:`wschat.wire` and the README):
   daemon's ``--format``. In ``prefixed`` format a binary message is refused with close 1003.
 - Messages from one sender are relayed in the order sent, and every client sees one and the
   same order, because one reactor thread relays each message to all before the next.
+- With ``--redis`` the room spans daemons (:mod:`wschat.bus`); a message the bus cannot relay
+  gets its sender a text notice ``wschat: <reason>`` instead, and the connection stays open.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
 from autobahn.websocket.types import ConnectionRequest
 from twisted.logger import Logger
 
+from wschat.bus import Bus, LocalBus
 from wschat.room import Room
 from wschat.wire import Format, Message, formatAddress
 
@@ -54,7 +57,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             return
         if factory.logMessages:
             self._logMessage(payload, isBinary)
-        factory.room.broadcast(Message(self.address, payload, isBinary))
+        factory.bus.publish(Message(self.address, payload, isBinary), self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.room.leave(self)
@@ -75,6 +78,13 @@ class ChatServerProtocol(WebSocketServerProtocol):
                 self.sendPreparedMessage(frame)
             except Disconnected:
                 pass
+
+    def refused(self, reason: str) -> None:
+        """
+        Tell this client the bus did not relay its message (``wschat: <reason>``, text).
+        """
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            self.sendMessage(b"wschat: " + reason.encode("utf-8"))
 
     def _logMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
@@ -105,5 +115,7 @@ class ChatServerFactory(WebSocketServerFactory):
         kwargs.setdefault("server", "wschat")
         super().__init__(**kwargs)
         self.room = Room(self.prepareMessage, fmt)
+        # Where received messages go: this room, or (--redis) every daemon's room.
+        self.bus: Bus = LocalBus(self.room)
         self.welcome = welcome.encode("utf-8")
         self.logMessages = logMessages
