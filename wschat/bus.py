@@ -232,9 +232,12 @@ def parseChannel(name: str) -> str:
 class _WatchedEndpoint:
     """A client endpoint that tells the bus when an attempt to connect fails."""
 
-    def __init__(self, endpoint: IStreamClientEndpoint, failed: Callable[[Failure], None]) -> None:
+    def __init__(
+        self, endpoint: IStreamClientEndpoint, failed: Callable[[Failure], None], name: str
+    ) -> None:
         self._endpoint = endpoint
         self._failed = failed
+        self._name = name
 
     def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
         def failed(reason: Failure) -> Failure:
@@ -242,6 +245,10 @@ class _WatchedEndpoint:
             return reason
 
         return self._endpoint.connect(protocolFactory).addErrback(failed)
+
+    def __repr__(self) -> str:
+        # ClientService names the endpoint in its "Scheduling retry" log lines.
+        return self._name
 
 
 class _PublisherProtocol(txredisapi.RedisProtocol):
@@ -301,14 +308,9 @@ class _BusFactory(txredisapi.RedisFactory):
 
     def connectionError(self, why: str) -> None:
         # Called when AUTH or SELECT was refused: txredisapi stops retrying, as it should for
-        # a configuration error.
-        self.bus._log.critical(
-            "Redis {redis} refused this daemon ({why}); giving up on it: fix --redis and "
-            "restart. Messages are refused until then.",
-            redis=self.bus.address,
-            why=why,
-        )
+        # a configuration error, and so does the bus.
         super().connectionError(why)
+        self.bus._refusedByRedis(why)
 
 
 class RedisBus(service.Service):
@@ -354,6 +356,7 @@ class RedisBus(service.Service):
         self._refusedBefore = 0
         self._refusalLogged = False
         self._complained = False
+        self._gaveUp = False
 
     @property
     def available(self) -> bool:
@@ -438,6 +441,7 @@ class RedisBus(service.Service):
         endpoint = _WatchedEndpoint(
             endpoints.HostnameEndpoint(self._reactor, self.address.host, self.address.port),
             self._connectFailed,
+            str(self.address),
         )
         self._log.info(
             "Joining the room on channel {channel!r} of {redis} as node {node}; messages are "
@@ -453,14 +457,9 @@ class RedisBus(service.Service):
         for factory in self._factories:
             factory.startConnecting(endpoint)
 
-    def stopService(self) -> defer.Deferred[object]:
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
-        self._up = False
-        self._publisher = self._subscriber = None
-        factories, self._factories = self._factories, []
-        return defer.gatherResults(
-            [f.disconnect() for f in factories], consumeErrors=True
-        ).addCallback(lambda _: None)
+        return self._disconnect()
 
     def _publisherReady(self, protocol: _PublisherProtocol) -> None:
         if not self.running:
@@ -475,12 +474,13 @@ class RedisBus(service.Service):
                 self._linkChanged()
 
         def failed(reason: Failure) -> None:
-            # The connection broke before Redis answered; txredisapi reconnects.
-            self._log.info(
-                "Subscribing to {channel!r} failed: {why}",
-                channel=self.channel,
-                why=reason.getErrorMessage(),
-            )
+            if reason.check(txredisapi.ResponseError):
+                # Redis answered no (NOAUTH: it wants a password the URL lacks). Retrying
+                # would loop on an open connection; like a refused AUTH, this needs an operator.
+                protocol.factory.stopTrying()
+                protocol.factory.connectionError(f"SUBSCRIBE: {reason.getErrorMessage()}")
+                protocol.transport.loseConnection()
+            # Otherwise the connection broke before Redis answered; txredisapi reconnects.
 
         protocol.subscribe(self.channel).addCallbacks(subscribed, failed)
 
@@ -493,6 +493,27 @@ class RedisBus(service.Service):
             return
         if self.running:
             self._linkChanged(why.getErrorMessage())
+
+    def _refusedByRedis(self, why: str) -> None:
+        if self._gaveUp or not self.running:
+            return
+        self._gaveUp = True
+        self._log.critical(
+            "Redis {redis} refused this daemon ({why}); giving up on it: fix --redis and "
+            "restart. Messages are refused until then.",
+            redis=self.address,
+            why=why,
+        )
+        # Not from within txredisapi's connectionMade, which is where this is called from.
+        self._reactor.callLater(0, self._disconnect)
+
+    def _disconnect(self) -> defer.Deferred[None]:
+        self._up = False
+        self._publisher = self._subscriber = None
+        factories, self._factories = self._factories, []
+        return defer.gatherResults(
+            [f.disconnect() for f in factories], consumeErrors=True
+        ).addCallback(lambda _: None)
 
     def _connectFailed(self, reason: Failure) -> None:
         if self.running and not self._up and not self._complained:
