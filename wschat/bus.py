@@ -255,6 +255,8 @@ class _PublisherProtocol(txredisapi.RedisProtocol):
     factory: _BusFactory
 
     def connectionMade(self) -> Any:
+        # Each PUBLISH goes out at once, as redis-py and hiredis do, not held back by Nagle.
+        self.transport.setTcpNoDelay(True)
         # Ready once AUTH and SELECT have been answered, not at connectionMade.
         self.whenConnected().addCallback(self.factory.bus._publisherReady)
         return super().connectionMade()
