@@ -16,6 +16,8 @@ from wschat.bus import (
     MalformedEnvelope,
     RedisAddress,
     RedisBus,
+    _BusFactory,
+    _PublisherProtocol,
     decodeEnvelope,
     encodeEnvelope,
     parseRedisURL,
@@ -230,6 +232,14 @@ class RedisBusOfflineTests(SynchronousTestCase):
         bus.publish(Message("127.0.0.1:1", b"hi"), origin)
         self.assertEqual((origin.reasons, bus.refused, bus.published), ([REFUSED_DOWN], 1, 0))
         self.assertEqual(prepared, [])
+
+    def test_backoff(self) -> None:
+        """Reconnecting waits 0.1 s, then e times longer per failed attempt, at most 10 s."""
+        bus, _ = self.bus()
+        factory = _BusFactory(bus, _PublisherProtocol)
+        factory.jitter = 0
+        delays = [round(factory.retryDelay(attempt), 2) for attempt in range(1, 9)]
+        self.assertEqual(delays, [0.1, 0.27, 0.74, 2.01, 5.46, 10, 10, 10])
 
     def test_relayedOnceFramed(self) -> None:
         """An envelope from the channel is framed once for all members, sender prefixed."""

@@ -17,8 +17,10 @@ from wschat.bus import (
     Envelope,
     RedisBus,
     encodeEnvelope,
+    parseRedisURL,
 )
 from wschat.protocol import DEFAULT_WELCOME
+from wschat.room import Room
 from wschat.tap import ChatService
 from wschat.testing import QueueClientProtocol, connect
 from wschat.testing_redis import RedisServer, freePort, waitFor
@@ -314,3 +316,25 @@ async def test_publish_reaches_no_daemon(redis, daemon):
     client.sendText("again")
     assert await client.nextText() == prefix(client) + "again"
     await closeAll([client])
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_redis_dropped(redis, logged):
+    """A Redis that stops answering (no RST) is found by the heartbeat, dropped, and rejoined."""
+    server = await redis()
+    bus = RedisBus(
+        Room(lambda payload, isBinary: payload),  # type: ignore[arg-type, return-value]
+        parseRedisURL(server.url),
+        heartbeat=0.1,
+        replyTimeout=0.2,
+    )
+    bus.startService()
+    try:
+        await waitFor(lambda: bus.available)
+        # Every client, ours included, goes unanswered for 2 s; no connection is closed.
+        await redisCommand(server, "CLIENT", "PAUSE", "2000", "ALL")
+        await waitFor(lambda: not bus.available, timeout=1.8)
+        await waitFor(lambda: bus.available)
+        assert any("Redis link lost" in line for line in logged)
+    finally:
+        await bus.stopService()

@@ -38,7 +38,7 @@ from urllib.parse import unquote, urlsplit
 import msgpack
 import txredisapi
 from twisted.application import service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, task
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
@@ -55,7 +55,10 @@ ENVELOPE_VERSION = 1
 DEFAULT_CHANNEL = "wschat"
 DEFAULT_REDIS_PORT = 6379
 #: Seconds Redis may take to answer a command before the connection is dropped.
-REPLY_TIMEOUT = 10
+REPLY_TIMEOUT = 10.0
+#: Seconds between PINGs on both connections: a link that died silently (no RST: a network
+#: partition, a host gone) is found within HEARTBEAT + REPLY_TIMEOUT, even on a quiet channel.
+HEARTBEAT = 5.0
 
 #: Told to a sender whose message was refused because the link to Redis is down.
 REFUSED_DOWN = "message not delivered: the room is unavailable (Redis link down); try again later"
@@ -301,7 +304,7 @@ class _BusFactory(txredisapi.RedisFactory):
             password=address.password,
             username=address.username,
             # A Redis that stops answering is dropped and reconnected to, like a lost one.
-            replyTimeout=REPLY_TIMEOUT,
+            replyTimeout=bus.replyTimeout,
         )
         self.bus = bus
         self.protocol = protocol
@@ -338,6 +341,8 @@ class RedisBus(service.Service):
         channel: str = DEFAULT_CHANNEL,
         node: str | None = None,
         reactor: Any = None,
+        heartbeat: float = HEARTBEAT,
+        replyTimeout: float = REPLY_TIMEOUT,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -346,6 +351,10 @@ class RedisBus(service.Service):
         self.address = address
         self.channel = channel
         self.node = node or secrets.token_hex(4)
+        self.replyTimeout = replyTimeout
+        self._heartbeat = task.LoopingCall(self._ping)
+        self._heartbeat.clock = reactor
+        self._heartbeatInterval = heartbeat
         self.published = 0
         self.refused = 0
         self.received = 0
@@ -458,6 +467,7 @@ class RedisBus(service.Service):
         ]
         for factory in self._factories:
             factory.startConnecting(endpoint)
+        self._heartbeat.start(self._heartbeatInterval, now=False)
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
@@ -509,7 +519,15 @@ class RedisBus(service.Service):
         # Not from within txredisapi's connectionMade, which is where this is called from.
         self._reactor.callLater(0, self._disconnect)
 
+    def _ping(self) -> None:
+        # An unanswered PING times out (replyTimeout) and drops the connection; that is all.
+        for protocol in (self._publisher, self._subscriber):
+            if protocol is not None:
+                protocol.ping().addErrback(lambda _: None)
+
     def _disconnect(self) -> defer.Deferred[None]:
+        if self._heartbeat.running:
+            self._heartbeat.stop()
         self._up = False
         self._publisher = self._subscriber = None
         factories, self._factories = self._factories, []
