@@ -11,6 +11,8 @@ Wire protocol (see also :mod:`wschat.wire` and the README):
   daemon's ``--format``. In ``prefixed`` format a binary message is refused with close 1003.
 - Messages from one sender are relayed in the order sent, and every client sees one and the
   same order, because one reactor thread relays each message to all before the next.
+- With ``--redis`` the room spans daemons (:mod:`wschat.bus`); a message the bus cannot relay
+  gets its sender a text notice ``wschat: <reason>`` instead, and the connection stays open.
 """
 
 from __future__ import annotations
@@ -23,10 +25,18 @@ from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
 from autobahn.websocket.types import ConnectionRequest
 from twisted.logger import Logger
 
+from wschat.bus import Bus, LocalBus
 from wschat.closing import UNSUPPORTED_DATA, closeWith
 from wschat.metrics import Metrics
 from wschat.room import Room
-from wschat.wire import JSON_SUBPROTOCOL, Format, Message, formatAddress, jsonWelcome
+from wschat.wire import (
+    JSON_SUBPROTOCOL,
+    Format,
+    Message,
+    formatAddress,
+    jsonNotice,
+    jsonWelcome,
+)
 
 DEFAULT_WELCOME = "Welcome to chat! Type a message"
 
@@ -68,7 +78,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             return
         if factory.logMessages:
             self._logMessage(payload, isBinary)
-        factory.room.broadcast(Message(self.address, payload, isBinary))
+        factory.bus.publish(Message(self.address, payload, isBinary), self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.factory.room.leave(self):
@@ -91,6 +101,19 @@ class ChatServerProtocol(WebSocketServerProtocol):
                 self.sendPreparedMessage(frame)
             except Disconnected:
                 pass
+
+    def refused(self, reason: str) -> None:
+        """
+        Tell this client the bus did not relay its message: the text ``wschat: <reason>``,
+        or a JSON ``notice`` object.
+        """
+        factory = self.factory
+        factory.metrics.messageRefused("relay unavailable")
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            if self.format is Format.JSON:
+                self.sendMessage(jsonNotice(reason, factory.reactor.seconds()))
+            else:
+                self.sendMessage(b"wschat: " + reason.encode("utf-8"))
 
     def _logMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
@@ -123,6 +146,8 @@ class ChatServerFactory(WebSocketServerFactory):
         super().__init__(**kwargs)
         self.metrics = metrics if metrics is not None else Metrics()
         self.room = Room(self.prepareMessage, fmt, metrics=self.metrics, now=self.reactor.seconds)
+        # Where received messages go: this room, or (--redis) every daemon's room.
+        self.bus: Bus = LocalBus(self.room)
         self.welcome = welcome.encode("utf-8")
         self.logMessages = logMessages
 

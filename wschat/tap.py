@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
+from wschat.bus import DEFAULT_CHANNEL, RedisBus, parseChannel, parseRedisURL
 from wschat.protocol import DEFAULT_WELCOME, ChatServerFactory
 from wschat.web import makeMetricsSite, makeSite
 from wschat.wire import Format
@@ -51,6 +52,15 @@ class Options(usage.Options):
             "'prefixed': relay text as '<ip>:<port>: <text>', refuse binary (1003); "
             "'raw': relay every message, text or binary, unchanged.",
         ],
+        [
+            "redis",
+            None,
+            None,
+            "Share one room with every daemon on the same Redis channel: "
+            "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]. Default: this daemon alone.",
+            parseRedisURL,
+        ],
+        ["channel", None, DEFAULT_CHANNEL, "Redis pub/sub channel of the room.", parseChannel],
     ]
     optFlags: list[list[str | None]] = [
         ["no-message-log", None, "Do not log message bodies (privacy, speed)."],
@@ -184,9 +194,15 @@ class ChatService(service.MultiService):
 
 
 def makeService(options: Options) -> ChatService:
-    return ChatService(
-        makeFactory(options),
+    factory = makeFactory(options)
+    chat = ChatService(
+        factory,
         options["listen"],
         metricsListen=options["metrics-listen"],
         metrics=not options["no-metrics"],
     )
+    if options["redis"] is not None:
+        bus = RedisBus(factory.room, options["redis"], options["channel"])
+        factory.bus = bus
+        bus.setServiceParent(chat)
+    return chat
