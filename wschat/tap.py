@@ -8,12 +8,18 @@ from typing import Any
 
 from twisted.application import service, strports
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
+from wschat.handshake import OriginPolicy
 from wschat.protocol import DEFAULT_WELCOME, ChatServerFactory
 from wschat.wire import Format
 
@@ -30,6 +36,20 @@ def _port(value: str) -> int:
     if not 0 <= port <= 65535:
         raise ValueError(f"{port} is not a TCP port number (0-65535)")
     return port
+
+
+def _nonNegativeInt(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"{number} is negative")
+    return number
+
+
+def _seconds(value: str) -> float:
+    seconds = float(value)
+    if not seconds >= 0:  # also refuses nan
+        raise ValueError(f"{value} is not a number of seconds (0 or more)")
+    return seconds
 
 
 class Options(usage.Options):
@@ -50,6 +70,21 @@ class Options(usage.Options):
             "'prefixed': relay text as '<ip>:<port>: <text>', refuse binary (1003); "
             "'raw': relay every message, text or binary, unchanged.",
         ],
+        [
+            "trust-forwarded-for",
+            None,
+            0,
+            "Behind N trusted proxies, take the sender from the Nth-last X-Forwarded-For "
+            "entry (0: ignore the header).",
+            _nonNegativeInt,
+        ],
+        [
+            "shutdown-timeout",
+            None,
+            5.0,
+            "Seconds to wait on stop for clients to finish the close handshake (1001).",
+            _seconds,
+        ],
     ]
     optFlags: list[list[str | None]] = [
         ["no-message-log", None, "Do not log message bodies (privacy, speed)."],
@@ -58,6 +93,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["allowed-origin"] = []
 
     def opt_listen(self, description: str) -> None:
         """
@@ -74,7 +110,20 @@ class Options(usage.Options):
             raise usage.UsageError(f"--listen {description!r}: {e}") from e
         self["listen"].append(description)
 
+    def opt_allowed_origin(self, origin: str) -> None:
+        """
+        Also accept browser pages from ORIGIN (https://chat.example.com; '*' for any, 'null'
+        for sandboxed pages). Repeatable. By default only the daemon's own origin is accepted
+        (and clients that send no Origin).
+        """
+        try:
+            OriginPolicy.fromList([origin])
+        except ValueError as e:
+            raise usage.UsageError(f"--allowed-origin: {e}") from None
+        self["allowed-origin"].append(origin)
+
     def postOptions(self) -> None:
+        self["origins"] = OriginPolicy.fromList(self["allowed-origin"])
         try:
             self["format"] = Format(self["format"])
         except ValueError:
@@ -117,6 +166,8 @@ def makeFactory(options: Options) -> ChatServerFactory:
         fmt=options["format"],
         welcome=options["welcome"],
         logMessages=not options["no-message-log"],
+        origins=options["origins"],
+        trustedHops=options["trust-forwarded-for"],
     )
 
 
@@ -125,9 +176,17 @@ class ChatService(service.MultiService):
     The daemon: one listening service per endpoint, all feeding one room.
     """
 
-    def __init__(self, factory: ChatServerFactory, descriptions: list[str]) -> None:
+    def __init__(
+        self,
+        factory: ChatServerFactory,
+        descriptions: list[str],
+        shutdownTimeout: float = 5.0,
+        clock: IReactorTime | None = None,
+    ) -> None:
         super().__init__()
         self.factory = factory
+        self.shutdownTimeout = shutdownTimeout
+        self._clock = clock
         self.endpoints: list[LoggingEndpoint] = []
         for description in descriptions:
             listener = strports.service(description, factory)
@@ -141,6 +200,21 @@ class ChatService(service.MultiService):
         """The ports listened on, once the service has started."""
         return [e.port for e in self.endpoints if e.port is not None]
 
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop listening first, so no one new arrives; then close every client with 1001 and
+        wait for the close handshakes, at most ``shutdownTimeout`` seconds.
+        """
+        clock = self._clock
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        assert clock is not None
+
+        def closeClients(_: object) -> Deferred[None]:
+            return self.factory.shutDown(self.shutdownTimeout, clock)
+
+        return maybeDeferred(super().stopService).addCallback(closeClients)
+
 
 def makeService(options: Options) -> ChatService:
-    return ChatService(makeFactory(options), options["listen"])
+    return ChatService(makeFactory(options), options["listen"], options["shutdown-timeout"])
