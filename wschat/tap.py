@@ -176,6 +176,8 @@ class ChatService(service.MultiService):
     The daemon: one listening service per endpoint, all feeding one room.
     """
 
+    _log = Logger()
+
     def __init__(
         self,
         factory: ChatServerFactory,
@@ -186,7 +188,8 @@ class ChatService(service.MultiService):
         super().__init__()
         self.factory = factory
         self.shutdownTimeout = shutdownTimeout
-        self._clock = clock
+        #: Times the shutdown bound; the reactor unless a test gives a Clock.
+        self.clock = clock
         self.endpoints: list[LoggingEndpoint] = []
         for description in descriptions:
             listener = strports.service(description, factory)
@@ -205,12 +208,18 @@ class ChatService(service.MultiService):
         Stop listening first, so no one new arrives; then close every client with 1001 and
         wait for the close handshakes, at most ``shutdownTimeout`` seconds.
         """
-        clock = self._clock
+        clock = self.clock
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         assert clock is not None
 
         def closeClients(_: object) -> Deferred[None]:
+            self._log.info(
+                "Stopped listening; closing {count} connections (1001 going away), "
+                "waiting up to {timeout} s",
+                count=len(self.factory.room),
+                timeout=self.shutdownTimeout,
+            )
             return self.factory.shutDown(self.shutdownTimeout, clock)
 
         return maybeDeferred(super().stopService).addCallback(closeClients)

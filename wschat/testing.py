@@ -75,6 +75,11 @@ class QueueClientFactory(WebSocketClientFactory):
         super().__init__(*args, **kwargs)
         self.opened: defer.Deferred[QueueClientProtocol] = defer.Deferred()
 
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        # Refused or unreachable: fail the caller's await rather than leave it hanging.
+        if not self.opened.called:
+            self.opened.errback(reason)
+
 
 def connect(
     url: str, contextFactory: Any = None, **factoryOptions: Any
