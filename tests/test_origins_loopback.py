@@ -174,3 +174,42 @@ async def test_forwarded_for_two_hops(daemon):
     for c in (client, short):
         c.sendClose(1000)
         await c.closed
+
+
+class Recorder(protocol.Protocol):
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.received = b""
+        self.lost: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.data)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason=None) -> None:
+        self.lost.callback(self.received)
+
+
+@pytest_twisted.ensureDeferred
+async def test_forwarded_for_several_headers(daemon):
+    """Several X-Forwarded-For headers are one list, in order, as HTTP says."""
+    service, url = daemon("--welcome", "", "--trust-forwarded-for", "2")
+    port = service.ports[0].getHost().port
+    mask = b"\x00\x00\x00\x00"
+    request = (
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"X-Forwarded-For: 198.51.100.1, 203.0.113.7\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n"
+    )
+    text = b"\x81\x82" + mask + b"hi"
+    close = b"\x88\x82" + mask + b"\x03\xe8"
+    raw = Recorder(request + text + close)
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    await endpoints.connectProtocol(endpoint, raw)
+    sourcePort = raw.transport.getHost().port
+    head, _, frames = (await raw.lost).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    relay = f"203.0.113.7:{sourcePort}: hi".encode()
+    assert frames[: 2 + len(relay)] == bytes([0x81, len(relay)]) + relay

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -15,7 +11,7 @@ from twisted.internet import defer, endpoints, error, protocol, reactor
 from twisted.internet.task import Clock
 
 from wschat.client import ChatClientFactory, ChatSession
-from wschat.testing import connect
+from wschat.testing import connect, spawnTwistd
 
 GOING_AWAY = (1001, "server shutting down")
 
@@ -166,56 +162,23 @@ async def test_cli_client_reconnects_after_going_away(daemon):
         connector.disconnect()
 
 
-class Twistd(protocol.ProcessProtocol):
-    """``twistd -n wschat`` as a child process; finds the port it listens on in its log."""
-
-    def __init__(self) -> None:
-        self.log = b""
-        self.port: defer.Deferred[int] = defer.Deferred()
-        self.ended: defer.Deferred[object] = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.log += data
-        found = re.search(rb"wschat listening on IPv4Address\(.*?port=(\d+)\)", self.log)
-        if found and not self.port.called:
-            self.port.callback(int(found.group(1)))
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        if not self.port.called:
-            self.port.errback(RuntimeError(f"twistd ended: {self.log.decode(errors='replace')}"))
-        self.ended.callback(reason.value)
-
-
-def twistd() -> str:
-    """The twistd script installed next to this Python."""
-    path = Path(sys.executable).parent / "twistd"
-    assert path.exists(), f"{path} is missing: install Twisted in this environment"
-    return str(path)
-
-
 @pytest.mark.parametrize("signame", ["TERM", "INT"])
 @pytest_twisted.ensureDeferred
 async def test_twistd_signal_closes_clients_and_exits(tmp_path, signame):
     """twistd -n wschat, sent SIGTERM or SIGINT, closes its clients with 1001 and exits promptly."""
-    child = Twistd()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    args = ["-n", "--pidfile=", "wschat", "--port", "0", "--shutdown-timeout", "60"]
-    transport = reactor.spawnProcess(
-        child, twistd(), [twistd(), *args], env=env, path=str(tmp_path)
-    )
+    args = ["--port", "0", "--shutdown-timeout", "60"]
+    child = spawnTwistd(args, str(tmp_path))
     try:
         port = await child.port.addTimeout(30, reactor)
         clients = [await connect(f"ws://127.0.0.1:{port}") for _ in range(2)]
         started = time.monotonic()
-        transport.signalProcess(signame)
+        child.signal(signame)
         assert await defer.gatherResults([c.closed for c in clients]) == [GOING_AWAY] * 2
         # Well inside the 60 s bound: it waited for the closes, not for the timeout.
         ended = await child.ended.addTimeout(20, reactor)
     finally:
         if not child.ended.called:
-            transport.signalProcess("KILL")
+            child.signal("KILL")
             await child.ended
     # twistd re-raises the signal that stopped it, so its exit status names that signal.
     assert isinstance(ended, error.ProcessTerminated)

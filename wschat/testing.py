@@ -6,12 +6,16 @@ Test doubles and loopback helpers, shipped so that users' tests and ours share t
 - :func:`memoryConnection` joins a server and a client protocol through in-memory transports,
   for protocol logic driven by a :class:`~twisted.internet.testing.MemoryReactorClock`.
 - :func:`makeTLSFiles` writes a throwaway CA and a server certificate it signed, for ``wss://``.
+- :func:`spawnTwistd` runs ``twistd -n wschat`` as a child process and finds the port it took.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +30,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, protocol
 from twisted.internet.address import IPv4Address
+from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from wschat.tap import ChatService, Options, makeService
@@ -233,3 +238,55 @@ def memoryConnection(
     )
     pump = iosim.connect(server, serverTransport, client, clientTransport, greet=False)
     return server, client, pump
+
+
+class TwistdProcess(protocol.ProcessProtocol):
+    """
+    ``twistd -n wschat`` running as a child process.
+
+    ``port`` fires with the first TCP port it logs that it listens on; ``ended`` fires with
+    the reason it exited; ``log`` is everything it wrote so far.
+    """
+
+    _LISTENING = re.compile(rb"wschat listening on IPv[46]Address\(.*?port=(\d+)\)")
+
+    def __init__(self) -> None:
+        self.log = b""
+        self.port: defer.Deferred[int] = defer.Deferred()
+        self.ended: defer.Deferred[BaseException | None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.log += data
+        if not self.port.called:
+            found = self._LISTENING.search(self.log)
+            if found:
+                self.port.callback(int(found.group(1)))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.port.called:
+            self.port.errback(RuntimeError(f"twistd exited: {self.log.decode(errors='replace')}"))
+        self.ended.callback(reason.value)
+
+    def signal(self, name: str) -> None:
+        """Send the signal ``name`` (``TERM``, ``INT``, ``KILL``) unless it has exited."""
+        if not self.ended.called and self.transport is not None:
+            self.transport.signalProcess(name)
+
+
+def spawnTwistd(args: Sequence[str], path: str, reactor: Any = None) -> TwistdProcess:
+    """
+    Start ``twistd -n --pidfile= wschat ARGS`` (the twistd installed next to this Python) in
+    the directory ``path``, with its log unbuffered so :attr:`TwistdProcess.port` fires soon.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if not os.path.exists(twistd):
+        raise FileNotFoundError(f"{twistd} is missing: install Twisted in this environment")
+    child = TwistdProcess()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    argv = [twistd, "-n", "--pidfile=", "wschat", *args]
+    reactor.spawnProcess(child, twistd, argv, env=env, path=path)
+    return child
