@@ -111,11 +111,8 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     def opt_allowed_origin(self, origin: str) -> None:
-        """
-        Also accept browser pages from ORIGIN (https://chat.example.com; '*' for any, 'null'
-        for sandboxed pages). Repeatable. By default only the daemon's own origin is accepted
-        (and clients that send no Origin).
-        """
+        """Let in pages from ORIGIN too (https://host[:port]; '*' all; 'null'). Repeatable."""
+        # By default only the daemon's own origin, and clients that send no Origin, get in.
         try:
             OriginPolicy.fromList([origin])
         except ValueError as e:
