@@ -13,6 +13,9 @@ Wire protocol (see also :mod:`wschat.wire` and the README):
   same order, because one reactor thread relays each message to all before the next.
 - With ``--redis`` the room spans daemons (:mod:`wschat.bus`); a message the bus cannot relay
   gets its sender a text notice ``wschat: <reason>`` instead, and the connection stays open.
+- A handshake whose ``Origin`` is neither the daemon's own nor allowed gets HTTP 403 (see
+  :mod:`wschat.handshake`); one arriving while the daemon stops gets 503.
+- When the daemon stops, every connection is closed with 1001 (going away).
 """
 
 from __future__ import annotations
@@ -22,18 +25,20 @@ from typing import Any
 from autobahn.exception import Disconnected
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
-from autobahn.websocket.types import ConnectionRequest
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
 
 from wschat.bus import Bus, LocalBus
-from wschat.closing import UNSUPPORTED_DATA, closeWith
+from wschat.closing import GOING_AWAY, UNSUPPORTED_DATA, closeAll, closeWith
+from wschat.handshake import OriginPolicy, senderAddress
 from wschat.metrics import Metrics
 from wschat.room import Room
 from wschat.wire import (
     JSON_SUBPROTOCOL,
     Format,
     Message,
-    formatAddress,
     jsonNotice,
     jsonWelcome,
 )
@@ -49,14 +54,24 @@ class ChatServerProtocol(WebSocketServerProtocol):
     address = ""
     #: What this connection receives: the room's format, or JSON if it asked for it.
     format = Format.PREFIXED
+    _goneWaiters: tuple[Deferred[None], ...] = ()
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         assert self.transport is not None
-        self.address = formatAddress(self.transport.getPeer())
+        factory = self.factory
+        if factory.shuttingDown:
+            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "server shutting down")
+        headers = request.headers
+        secure = ISSLTransport.providedBy(self.transport)
+        if not factory.origins.allows(request.origin, headers.get("host"), secure):
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, f"origin {request.origin} not allowed")
+        self.address = senderAddress(
+            self.transport.getPeer(), headers.get("x-forwarded-for"), factory.trustedHops
+        )
         if JSON_SUBPROTOCOL in request.protocols:
             self.format = Format.JSON
             return JSON_SUBPROTOCOL
-        self.format = self.factory.room.format
+        self.format = factory.room.format
         return None
 
     def onOpen(self) -> None:
@@ -84,6 +99,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
         if self.factory.room.leave(self):
             self.factory.metrics.connectionClosed(code)
             self.factory.room.announce("leave", self.address)
+        self._fireGone()
         if self.address:
             self._log.info(
                 "Connection from {peer} closed: code {code} {reason}",
@@ -115,6 +131,27 @@ class ChatServerProtocol(WebSocketServerProtocol):
             else:
                 self.sendMessage(b"wschat: " + reason.encode("utf-8"))
 
+    def goAway(self) -> Deferred[None]:
+        """
+        Close with 1001 going away (the daemon is stopping); fires once the connection is gone.
+        """
+        gone: Deferred[None] = Deferred()
+        self._goneWaiters += (gone,)
+        closeWith(self, GOING_AWAY, "server shutting down")
+        return gone
+
+    def abort(self) -> None:
+        """Drop the connection at the TCP level, without waiting for any handshake."""
+        if self.transport is not None:
+            # TCP, TLS and UNIX transports all abort; anything else can only be asked to close.
+            abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
+            abort()
+
+    def _fireGone(self) -> None:
+        waiters, self._goneWaiters = self._goneWaiters, ()
+        for gone in waiters:
+            gone.callback(None)
+
     def _logMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
             self._log.info(
@@ -140,16 +177,39 @@ class ChatServerFactory(WebSocketServerFactory):
         welcome: str = DEFAULT_WELCOME,
         logMessages: bool = True,
         metrics: Metrics | None = None,
+        origins: OriginPolicy | None = None,
+        trustedHops: int = 0,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("server", "wschat")
         super().__init__(**kwargs)
+        self.setProtocolOptions(
+            # Protocol errors get a close frame with their code (1002, 1007) and reason, and the
+            # messages before the bad frame still go out, instead of a bare TCP drop.
+            failByDrop=False,
+            # Autobahn's own origin check cannot compare with the Host header and answers 400;
+            # it lets every origin through and onConnect applies ``origins`` with a 403.
+            allowedOrigins=["*"],
+            allowNullOrigin=True,
+        )
         self.metrics = metrics if metrics is not None else Metrics()
         self.room = Room(self.prepareMessage, fmt, metrics=self.metrics, now=self.reactor.seconds)
         # Where received messages go: this room, or (--redis) every daemon's room.
         self.bus: Bus = LocalBus(self.room)
         self.welcome = welcome.encode("utf-8")
         self.logMessages = logMessages
+        self.origins = origins if origins is not None else OriginPolicy()
+        self.trustedHops = trustedHops
+        self.shuttingDown = False
+
+    def shutDown(self, timeout: float, clock: IReactorTime) -> Deferred[None]:
+        """
+        Refuse new handshakes (503), close every open connection with 1001, and fire once all
+        are gone; connections still there after ``timeout`` seconds are dropped.
+        """
+        self.shuttingDown = True
+        members = [m for m in self.room if isinstance(m, ChatServerProtocol)]
+        return closeAll(members, timeout, clock)
 
     def greeting(self, connection: ChatServerProtocol) -> bytes:
         """

@@ -8,13 +8,20 @@ from typing import Any
 
 from twisted.application import service, strports
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
 from wschat.bus import DEFAULT_CHANNEL, RedisBus, parseChannel, parseRedisURL
+from wschat.dispatch import DispatchFactory
+from wschat.handshake import OriginPolicy
 from wschat.protocol import DEFAULT_WELCOME, ChatServerFactory
 from wschat.web import makeMetricsSite, makeSite
 from wschat.wire import Format
@@ -32,6 +39,20 @@ def _port(value: str) -> int:
     if not 0 <= port <= 65535:
         raise ValueError(f"{port} is not a TCP port number (0-65535)")
     return port
+
+
+def _nonNegativeInt(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"{number} is negative")
+    return number
+
+
+def _seconds(value: str) -> float:
+    seconds = float(value)
+    if not seconds >= 0:  # also refuses nan
+        raise ValueError(f"{value} is not a number of seconds (0 or more)")
+    return seconds
 
 
 class Options(usage.Options):
@@ -61,6 +82,21 @@ class Options(usage.Options):
             parseRedisURL,
         ],
         ["channel", None, DEFAULT_CHANNEL, "Redis pub/sub channel of the room.", parseChannel],
+        [
+            "trust-forwarded-for",
+            None,
+            0,
+            "Behind N trusted proxies, take the sender from the Nth-last X-Forwarded-For "
+            "entry (0: ignore the header).",
+            _nonNegativeInt,
+        ],
+        [
+            "shutdown-timeout",
+            None,
+            5.0,
+            "Seconds to wait on stop for clients to finish the close handshake (1001).",
+            _seconds,
+        ],
     ]
     optFlags: list[list[str | None]] = [
         ["no-message-log", None, "Do not log message bodies (privacy, speed)."],
@@ -71,6 +107,7 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["metrics-listen"] = None
+        self["allowed-origin"] = []
 
     def opt_listen(self, description: str) -> None:
         """
@@ -87,6 +124,15 @@ class Options(usage.Options):
             raise usage.UsageError(f"--listen {description!r}: {e}") from e
         self["listen"].append(description)
 
+    def opt_allowed_origin(self, origin: str) -> None:
+        """Let in pages from ORIGIN too (https://host[:port]; '*' all; 'null'). Repeatable."""
+        # By default only the daemon's own origin, and clients that send no Origin, get in.
+        try:
+            OriginPolicy.fromList([origin])
+        except ValueError as e:
+            raise usage.UsageError(f"--allowed-origin: {e}") from None
+        self["allowed-origin"].append(origin)
+
     def opt_metrics_listen(self, description: str) -> None:
         """Serve /metrics on this endpoint, not the chat port (tcp:9100:interface=127.0.0.1)."""
         from twisted.internet import reactor
@@ -98,6 +144,7 @@ class Options(usage.Options):
         self["metrics-listen"] = description
 
     def postOptions(self) -> None:
+        self["origins"] = OriginPolicy.fromList(self["allowed-origin"])
         if self["no-metrics"] and self["metrics-listen"] is not None:
             raise usage.UsageError("--no-metrics and --metrics-listen contradict each other")
         # JSON is not a daemon's format: each client asks for it (subprotocol wschat.json).
@@ -146,6 +193,8 @@ def makeFactory(options: Options) -> ChatServerFactory:
         fmt=options["format"],
         welcome=options["welcome"],
         logMessages=not options["no-message-log"],
+        origins=options["origins"],
+        trustedHops=options["trust-forwarded-for"],
     )
 
 
@@ -156,19 +205,28 @@ class ChatService(service.MultiService):
     when ``metricsListen`` is given.
     """
 
+    _log = Logger()
+
     def __init__(
         self,
         factory: ChatServerFactory,
         descriptions: list[str],
         metricsListen: str | None = None,
         metrics: bool = True,
+        shutdownTimeout: float = 5.0,
+        clock: IReactorTime | None = None,
     ) -> None:
         super().__init__()
         self.factory = factory
         self.site = makeSite(factory, self.accepting, metrics and metricsListen is None)
+        self.shutdownTimeout = shutdownTimeout
+        #: Times the shutdown bound; the reactor unless a test gives a Clock.
+        self.clock = clock
         self.endpoints: list[LoggingEndpoint] = []
+        # One port serves both: each connection goes to the room or the site by its first request.
+        chat = DispatchFactory(factory, self.site, factory.reactor)
         for description in descriptions:
-            self.endpoints.append(self._listen(description, self.site))
+            self.endpoints.append(self._listen(description, chat))
         self.metricsEndpoint: LoggingEndpoint | None = None
         if metrics and metricsListen is not None:
             metricsSite = makeMetricsSite(factory, self.accepting)
@@ -192,6 +250,27 @@ class ChatService(service.MultiService):
         """The ports listened on, once the service has started."""
         return [e.port for e in self.endpoints if e.port is not None]
 
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop listening first, so no one new arrives; then close every client with 1001 and
+        wait for the close handshakes, at most ``shutdownTimeout`` seconds.
+        """
+        clock = self.clock
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        assert clock is not None
+
+        def closeClients(_: object) -> Deferred[None]:
+            self._log.info(
+                "Stopped listening; closing {count} connections (1001 going away), "
+                "waiting up to {timeout} s",
+                count=len(self.factory.room),
+                timeout=self.shutdownTimeout,
+            )
+            return self.factory.shutDown(self.shutdownTimeout, clock)
+
+        return maybeDeferred(super().stopService).addCallback(closeClients)
+
 
 def makeService(options: Options) -> ChatService:
     factory = makeFactory(options)
@@ -200,6 +279,7 @@ def makeService(options: Options) -> ChatService:
         options["listen"],
         metricsListen=options["metrics-listen"],
         metrics=not options["no-metrics"],
+        shutdownTimeout=options["shutdown-timeout"],
     )
     if options["redis"] is not None:
         bus = RedisBus(factory.room, options["redis"], options["channel"])

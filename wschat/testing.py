@@ -7,16 +7,22 @@ Test doubles and loopback helpers, shipped so that users' tests and ours share t
 - :class:`MemoryRoom` is a server factory on a fake clock with in-memory clients.
 - :func:`memoryConnection` joins a server and a client protocol through in-memory transports,
   for protocol logic driven by a :class:`~twisted.internet.testing.MemoryReactorClock`.
+- :func:`makeTLSFiles` writes a throwaway CA and a server certificate it signed, for ``wss://``.
+- :func:`spawnTwistd` runs ``twistd -n wschat`` as a child process and finds the port it took.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import re
 import shutil
 import socket
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from autobahn.twisted.websocket import (
@@ -24,7 +30,11 @@ from autobahn.twisted.websocket import (
     WebSocketClientProtocol,
     connectWS,
 )
-from twisted.internet import defer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet import defer, endpoints, protocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
@@ -77,6 +87,11 @@ class QueueClientFactory(WebSocketClientFactory):
         super().__init__(*args, **kwargs)
         self.opened: defer.Deferred[QueueClientProtocol] = defer.Deferred()
 
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        # Refused or unreachable: fail the caller's await rather than leave it hanging.
+        if not self.opened.called:
+            self.opened.errback(reason)
+
 
 def connect(
     url: str, contextFactory: Any = None, **factoryOptions: Any
@@ -109,12 +124,102 @@ def startDaemon(args: Sequence[str] = ()) -> tuple[ChatService, str]:
     if len(service.ports) != len(service.endpoints):
         raise RuntimeError(f"the daemon did not listen on every endpoint of {args}")
     url = ""
-    for port in service.ports:
-        host = port.getHost()
+    for endpoint in service.endpoints:
+        host = endpoint.port.getHost() if endpoint.port is not None else None
         if isinstance(host, IPv4Address):
-            url = f"ws://{host.host}:{host.port}"
+            scheme = "wss" if endpoint.description.startswith("ssl:") else "ws"
+            url = f"{scheme}://{host.host}:{host.port}"
             break
     return service, url
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for a TLS test: a CA certificate, and a server key and certificate it signed."""
+
+    ca: Path
+    key: Path
+    cert: Path
+
+    def listen(self, port: int = 0, interface: str = "127.0.0.1") -> str:
+        """A ``--listen`` description serving TLS with these files."""
+        quote = endpoints.quoteStringArgument
+        return (
+            f"ssl:{port}:interface={quote(interface)}"
+            f":privateKey={quote(str(self.key))}:certKey={quote(str(self.cert))}"
+        )
+
+
+def makeTLSFiles(
+    directory: Path,
+    names: Sequence[str] = ("localhost",),
+    addresses: Sequence[str] = ("127.0.0.1", "::1"),
+) -> TLSFiles:
+    """
+    Write a new CA and a server certificate for ``names`` and ``addresses``, signed by it, into
+    ``directory`` (``ca.pem``, ``key.pem``, ``cert.pem``). Valid from yesterday to tomorrow.
+    """
+    now = datetime.datetime.now(datetime.UTC)
+    valid = (now - datetime.timedelta(days=1), now + datetime.timedelta(days=1))
+    caKey = ec.generate_private_key(ec.SECP256R1())
+    caName = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "wschat test CA")])
+    caCert = (
+        x509.CertificateBuilder()
+        .subject_name(caName)
+        .issuer_name(caName)
+        .public_key(caKey.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(caKey.public_key()), False)
+        .sign(caKey, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    alternatives: list[x509.GeneralName] = [x509.DNSName(name) for name in names]
+    alternatives += [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
+    subject = names[0] if names else addresses[0]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(caName)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(caKey.public_key()), False
+        )
+        .sign(caKey, hashes.SHA256())
+    )
+    files = TLSFiles(directory / "ca.pem", directory / "key.pem", directory / "cert.pem")
+    files.ca.write_bytes(caCert.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return files
 
 
 def memoryConnection(
@@ -286,3 +391,55 @@ def received(client: QueueClientProtocol) -> list[tuple[bytes, bool]]:
     items = list(client.messages.pending)
     client.messages.pending.clear()
     return items
+
+
+class TwistdProcess(protocol.ProcessProtocol):
+    """
+    ``twistd -n wschat`` running as a child process.
+
+    ``port`` fires with the first TCP port it logs that it listens on; ``ended`` fires with
+    the reason it exited; ``log`` is everything it wrote so far.
+    """
+
+    _LISTENING = re.compile(rb"wschat listening on IPv[46]Address\(.*?port=(\d+)\)")
+
+    def __init__(self) -> None:
+        self.log = b""
+        self.port: defer.Deferred[int] = defer.Deferred()
+        self.ended: defer.Deferred[BaseException | None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.log += data
+        if not self.port.called:
+            found = self._LISTENING.search(self.log)
+            if found:
+                self.port.callback(int(found.group(1)))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.port.called:
+            self.port.errback(RuntimeError(f"twistd exited: {self.log.decode(errors='replace')}"))
+        self.ended.callback(reason.value)
+
+    def signal(self, name: str) -> None:
+        """Send the signal ``name`` (``TERM``, ``INT``, ``KILL``) unless it has exited."""
+        if not self.ended.called and self.transport is not None:
+            self.transport.signalProcess(name)
+
+
+def spawnTwistd(args: Sequence[str], path: str, reactor: Any = None) -> TwistdProcess:
+    """
+    Start ``twistd -n --pidfile= wschat ARGS`` (the twistd installed next to this Python) in
+    the directory ``path``, with its log unbuffered so :attr:`TwistdProcess.port` fires soon.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if not os.path.exists(twistd):
+        raise FileNotFoundError(f"{twistd} is missing: install Twisted in this environment")
+    child = TwistdProcess()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    argv = [twistd, "-n", "--pidfile=", "wschat", *args]
+    reactor.spawnProcess(child, twistd, argv, env=env, path=path)
+    return child
