@@ -20,7 +20,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, endpoints, protocol, reactor, utils
 
-from wschat.testing import spawnTwistd
+from wschat.testing import listeningPort, spawnTwistd
 
 DAEMON_ARGS = ["--format", "raw", "--welcome", "", "--no-message-log"]
 LISTEN = ["--listen", "tcp:0:interface=127.0.0.1"]
@@ -61,7 +61,7 @@ async def test_autobahn_testsuite(tmp_path, extraArgs, compression):
     """All 517 Autobahn TestSuite cases run, and none FAILED (behaviour or closing)."""
     daemon = spawnTwistd([*DAEMON_ARGS, *extraArgs, *LISTEN], str(tmp_path))
     try:
-        port = await daemon.port.addTimeout(30, reactor)
+        port = await listeningPort(daemon)
         started = time.monotonic()
         out, err, code = await utils.getProcessOutputAndValue(
             kosoku(),
@@ -71,9 +71,7 @@ async def test_autobahn_testsuite(tmp_path, extraArgs, compression):
         ).addTimeout(600, reactor)
         elapsed = time.monotonic() - started
     finally:
-        if not daemon.ended.called:
-            daemon.signal("TERM")
-            await daemon.ended
+        await daemon.kill()
     index = tmp_path / "reports" / "index.json"
     assert index.exists(), (out + err).decode(errors="replace")
     (results,) = json.loads(index.read_text()).values()

@@ -11,7 +11,7 @@ from twisted.internet import defer, endpoints, error, protocol, reactor
 from twisted.internet.task import Clock
 
 from wschat.client import ChatClientFactory, ChatSession
-from wschat.testing import connect, spawnTwistd
+from wschat.testing import connect, listeningPort, spawnTwistd
 
 GOING_AWAY = (1001, "server shutting down")
 
@@ -169,21 +169,20 @@ async def test_twistd_signal_closes_clients_and_exits(tmp_path, signame):
     args = ["--port", "0", "--shutdown-timeout", "60"]
     child = spawnTwistd(args, str(tmp_path))
     try:
-        port = await child.port.addTimeout(30, reactor)
+        port = await listeningPort(child)
         clients = [await connect(f"ws://127.0.0.1:{port}") for _ in range(2)]
         started = time.monotonic()
         child.signal(signame)
         assert await defer.gatherResults([c.closed for c in clients]) == [GOING_AWAY] * 2
         # Well inside the 60 s bound: it waited for the closes, not for the timeout.
-        ended = await child.ended.addTimeout(20, reactor)
+        await child.ended.addTimeout(20, reactor)
     finally:
-        if not child.ended.called:
-            child.signal("KILL")
-            await child.ended
+        await child.kill()
     # twistd re-raises the signal that stopped it, so its exit status names that signal.
+    ended = child.endReason
     assert isinstance(ended, error.ProcessTerminated)
-    assert ended.signal == getattr(signal, f"SIG{signame}"), child.log.decode()
-    log = child.log.decode()
+    assert ended.signal == getattr(signal, f"SIG{signame}"), child.output
+    log = child.output
     assert "closing 2 connections (1001 going away)" in log
     assert "Server Shut Down." in log
     assert log.index("(TCP Port") < log.index("closing 2 connections")

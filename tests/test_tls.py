@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor, ssl
+from twisted.internet import ssl
 
-from wschat.testing import connect, makeTLSFiles
+from wschat.testing import ProcessWatcher, connect, makeTLSFiles
 
 
 def clientTLS(files, host="127.0.0.1"):
@@ -51,73 +50,32 @@ async def test_wss_same_origin_is_https(daemon, tmp_path):
         raise AssertionError("an http:// origin was let in over TLS")
 
 
-class CLIClient(protocol.ProcessProtocol):
-    """``python -m wschat.client`` as a child process: stdout lines queued, stderr kept."""
-
-    def __init__(self) -> None:
-        self.lines: defer.DeferredQueue[str] = defer.DeferredQueue()
-        self.stderr = b""
-        self._partial = b""
-        self.ended: defer.Deferred[int] = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self._partial += data
-        *lines, self._partial = self._partial.split(b"\n")
-        for line in lines:
-            self.lines.put(line.decode("utf-8"))
-
-    def errReceived(self, data: bytes) -> None:
-        self.stderr += data
-
-    def processEnded(self, reason) -> None:
-        self.ended.callback(reason.value.exitCode)
-
-
-def spawnClient(args: list[str], cwd) -> CLIClient:
-    """Run the installed CLI client (from ``cwd``, so the checkout is not imported)."""
-    client = CLIClient()
-    reactor.spawnProcess(
-        client,
-        sys.executable,
-        [sys.executable, "-m", "wschat.client", *args],
-        env=os.environ.copy(),
-        path=str(cwd),
-    )
-    return client
+def client(processes, *args: str) -> ProcessWatcher:
+    return processes(sys.executable, "-m", "wschat.client", *args)
 
 
 @pytest_twisted.ensureDeferred
-async def test_cli_client_over_wss(daemon, tmp_path):
+async def test_cli_client_over_wss(daemon, processes, tmp_path):
     """The CLI client with --url wss://localhost:P --ca-file chats, and exits 0 at end of input."""
     files = makeTLSFiles(tmp_path)
     service, url = daemon("--listen", files.listen(), "--format", "raw")
     port = url.rsplit(":", 1)[1]
-    cli = spawnClient(["--url", f"wss://localhost:{port}", "--ca-file", str(files.ca)], tmp_path)
-    try:
-        assert await cli.lines.get() == "Welcome to chat! Type a message"
-        cli.transport.write(b"hello over tls\n")
-        assert await cli.lines.get() == "hello over tls"
-        cli.transport.closeStdin()
-        assert await cli.ended.addTimeout(10, reactor) == 0, cli.stderr
-    finally:
-        if not cli.ended.called:
-            cli.transport.signalProcess("KILL")
-            await cli.ended
-    assert b"connected to wss://localhost:" in cli.stderr
+    cli = client(processes, "--url", f"wss://localhost:{port}", "--ca-file", str(files.ca))
+    await cli.waitFor("^Welcome to chat! Type a message$")
+    cli.write(b"hello over tls\n")
+    await cli.waitFor("^hello over tls$")
+    cli.closeStdin()
+    assert await cli.ended == 0, cli.output
+    assert any("connected to wss://localhost:" in line for line in cli.lines["err"])
 
 
 @pytest_twisted.ensureDeferred
-async def test_cli_client_refuses_unknown_ca(daemon, tmp_path):
+async def test_cli_client_refuses_unknown_ca(daemon, processes, tmp_path):
     """Without the CA file, the CLI client does not trust the test certificate."""
     files = makeTLSFiles(tmp_path)
     service, url = daemon("--listen", files.listen())
     port = url.rsplit(":", 1)[1]
-    cli = spawnClient(["--url", f"wss://localhost:{port}", "--max-retries", "0"], tmp_path)
-    try:
-        assert await cli.ended.addTimeout(10, reactor) == 1
-    finally:
-        if not cli.ended.called:
-            cli.transport.signalProcess("KILL")
-            await cli.ended
-    assert b"connected to" not in cli.stderr
-    assert b"certificate verify failed" in cli.stderr
+    cli = client(processes, "--url", f"wss://localhost:{port}", "--max-retries", "0")
+    assert await cli.ended == 1, cli.output
+    assert "connected to" not in cli.output
+    assert "certificate verify failed" in cli.output

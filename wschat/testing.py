@@ -8,7 +8,8 @@ Test doubles and loopback helpers, shipped so that users' tests and ours share t
 - :func:`memoryConnection` joins a server and a client protocol through in-memory transports,
   for protocol logic driven by a :class:`~twisted.internet.testing.MemoryReactorClock`.
 - :func:`makeTLSFiles` writes a throwaway CA and a server certificate it signed, for ``wss://``.
-- :func:`spawnTwistd` runs ``twistd -n wschat`` as a child process and finds the port it took.
+- :func:`spawnTwistd` runs ``twistd -n wschat`` as a child process; :func:`listeningPort` finds
+  the port it took.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, endpoints
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
@@ -260,7 +261,15 @@ class ProcessWatcher(ProcessProtocol):
         self.lines: dict[str, list[str]] = {"out": [], "err": []}
         self._partial = {"out": b"", "err": b""}
         self._waiters: list[tuple[re.Pattern[str], str, int, defer.Deferred[re.Match[str]]]] = []
+        #: Fires with the exit code (None when a signal ended the process).
         self.ended: defer.Deferred[int | None] = defer.Deferred()
+        #: Why it ended: ProcessDone, or ProcessTerminated with its exitCode and signal.
+        self.endReason: BaseException | None = None
+
+    @property
+    def output(self) -> str:
+        """Everything it wrote so far, standard output then standard error."""
+        return "\n".join(self.lines["out"] + self.lines["err"])
 
     def outReceived(self, data: bytes) -> None:
         self._received("out", data)
@@ -310,8 +319,14 @@ class ProcessWatcher(ProcessProtocol):
         self.transport.closeStdin()
 
     def signal(self, name: str) -> None:
-        assert self.transport is not None
-        self.transport.signalProcess(name)
+        """Send the signal ``name`` (``TERM``, ``INT``, ``KILL``) unless it has exited."""
+        if not self.ended.called and self.transport is not None:
+            self.transport.signalProcess(name)
+
+    async def kill(self) -> None:
+        """Make sure it is gone (test clean-up)."""
+        self.signal("KILL")
+        await self.ended
 
     def processEnded(self, reason: Failure) -> None:
         for stream, rest in self._partial.items():
@@ -320,6 +335,7 @@ class ProcessWatcher(ProcessProtocol):
         waiters, self._waiters = self._waiters, []
         for pattern, _, _, d in waiters:
             d.errback(AssertionError(f"process ended before printing {pattern.pattern!r}"))
+        self.endReason = reason.value
         self.ended.callback(getattr(reason.value, "exitCode", None))
 
 
@@ -393,53 +409,18 @@ def received(client: QueueClientProtocol) -> list[tuple[bytes, bool]]:
     return items
 
 
-class TwistdProcess(protocol.ProcessProtocol):
-    """
-    ``twistd -n wschat`` running as a child process.
-
-    ``port`` fires with the first TCP port it logs that it listens on; ``ended`` fires with
-    the reason it exited; ``log`` is everything it wrote so far.
-    """
-
-    _LISTENING = re.compile(rb"wschat listening on IPv[46]Address\(.*?port=(\d+)\)")
-
-    def __init__(self) -> None:
-        self.log = b""
-        self.port: defer.Deferred[int] = defer.Deferred()
-        self.ended: defer.Deferred[BaseException | None] = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.log += data
-        if not self.port.called:
-            found = self._LISTENING.search(self.log)
-            if found:
-                self.port.callback(int(found.group(1)))
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        if not self.port.called:
-            self.port.errback(RuntimeError(f"twistd exited: {self.log.decode(errors='replace')}"))
-        self.ended.callback(reason.value)
-
-    def signal(self, name: str) -> None:
-        """Send the signal ``name`` (``TERM``, ``INT``, ``KILL``) unless it has exited."""
-        if not self.ended.called and self.transport is not None:
-            self.transport.signalProcess(name)
+#: What ``twistd -n wschat`` logs once it listens; group 1 is the port.
+LISTENING = r"wschat listening on IPv[46]Address\(.*?port=(\d+)\)"
 
 
-def spawnTwistd(args: Sequence[str], path: str, reactor: Any = None) -> TwistdProcess:
+def spawnTwistd(args: Sequence[str], cwd: str) -> ProcessWatcher:
     """
     Start ``twistd -n --pidfile= wschat ARGS`` (the twistd installed next to this Python) in
-    the directory ``path``, with its log unbuffered so :attr:`TwistdProcess.port` fires soon.
+    the folder ``cwd``; ``await listeningPort(child)`` for its port.
     """
-    if reactor is None:
-        from twisted.internet import reactor
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if not os.path.exists(twistd):
-        raise FileNotFoundError(f"{twistd} is missing: install Twisted in this environment")
-    child = TwistdProcess()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    argv = [twistd, "-n", "--pidfile=", "wschat", *args]
-    reactor.spawnProcess(child, twistd, argv, env=env, path=path)
-    return child
+    return spawn(["twistd", "-n", "--pidfile=", "wschat", *args], cwd=cwd)
+
+
+async def listeningPort(child: ProcessWatcher) -> int:
+    """The first TCP port a ``twistd wschat`` child says it listens on."""
+    return int((await child.waitFor(LISTENING)).group(1))
