@@ -7,7 +7,7 @@ unsupported data, 1008 policy violation, 1001 going away) go through
 ``sendCloseFrame``, which Autobahn uses for its own 1002, 1007 and 1009 closes. That
 method is not part of ``IWebSocketChannel``, so it is confined here, and
 ``tests/test_closing.py`` pins what it does. Should a later Autobahn drop it, the fallback
-keeps the meaning in the private-use range: code ``4000 + code`` through ``sendClose``.
+keeps the meaning in the private-use range (1008 becomes 4008) through ``sendClose``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,6 @@ def closeWith(protocol: WebSocketProtocol, code: int, reason: str) -> None:
     reasonUtf8 = reason.encode("utf-8")[:MAX_REASON_BYTES].decode("utf-8", "ignore").encode()
     sendCloseFrame = getattr(protocol, "sendCloseFrame", None)
     if sendCloseFrame is None:
-        protocol.sendClose(4000 + code, reasonUtf8.decode("utf-8"))
+        protocol.sendClose(4000 + code % 1000, reasonUtf8.decode("utf-8"))
         return
     sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=False)

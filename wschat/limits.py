@@ -102,8 +102,9 @@ class TokenBucket:
         tokens = self._tokens + elapsed * self.rate
         if tokens > self.burst:
             tokens = self.burst
-        if tokens >= 1.0:
-            self._tokens = tokens - 1.0
+        # The tolerance lets a sender keeping exactly to the rate through despite rounding.
+        if tokens >= 0.999999:
+            self._tokens = tokens - 1.0 if tokens > 1.0 else 0.0
             return True
         self._tokens = tokens
         return False
