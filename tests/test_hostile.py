@@ -105,6 +105,13 @@ class SlowReaderTests(ClockedTestCase):
         slow.lose()
         self.assertEqual(list(factory.room), [sender.protocol])
 
+    def test_transport_released_when_lost(self) -> None:
+        """A lost connection lets go of its transport (and the unsent bytes it holds)."""
+        peer = RawPeer(self.factory()).open()
+        peer.lose()
+        self.assertIsNone(peer.protocol.transport)
+        self.clock.advance(60)
+
     def test_resume_resets_the_count(self) -> None:
         """Once the transport drains (resumeProducing), the count starts again from zero."""
         factory = self.factory(maxQueue=4096)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import socket
+import weakref
 from typing import Any
 
 import pytest
 import pytest_twisted
 from rawws import handshake
-from twisted.internet import defer, endpoints, reactor
+from twisted.internet import defer, endpoints, reactor, task
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
@@ -69,6 +71,13 @@ def spyOnOpens(service: Any) -> defer.DeferredQueue[ChatServerProtocol]:
     return opened
 
 
+@pytest.fixture
+def gcEnabled():
+    """Garbage collection is on again after the test, whatever happened."""
+    yield
+    gc.enable()
+
+
 async def closeAll(clients: list[QueueClientProtocol]) -> None:
     for c in clients:
         c.sendClose(1000)
@@ -77,7 +86,7 @@ async def closeAll(clients: list[QueueClientProtocol]) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_never_reading_client_dropped_others_lose_nothing(daemon):
+async def test_never_reading_client_dropped_others_lose_nothing(daemon, gcEnabled):
     """A client that never reads is closed (1008) and dropped; the room loses no message."""
     service, url = daemon(
         "--format", "raw", "--welcome", "", "--no-message-log", "--max-queue", "64K"
@@ -87,6 +96,8 @@ async def test_never_reading_client_dropped_others_lose_nothing(daemon):
     opened = spyOnOpens(service)
     slowClient = await rawConnect(url, RawClient(handshake(), read=False))
     slow = await opened.get()
+    transport = weakref.ref(slow.transport)
+    gc.disable()
     readers = [await connect(url) for _ in range(3)]
     sender = readers[0]
 
@@ -113,6 +124,11 @@ async def test_never_reading_client_dropped_others_lose_nothing(daemon):
         got = [(await r.messages.get())[0] for _ in tail]
         assert got == tail
     await slow.left
+    await task.deferLater(reactor, 0)
+    # Its transport held up to --max-queue unsent bytes: freed on the spot (gc is off),
+    # not whenever a full garbage collection gets round to it.
+    assert transport() is None, gc.get_referrers(transport())
+    gc.enable()
     print(f"never-reader closed after {len(sent) * 1008} bytes relayed to the room")
     assert slow.wasCloseHandshakeTimeout, "the never-reader was not dropped at the TCP level"
     assert slow not in list(service.factory.room)

@@ -26,7 +26,9 @@ from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflat
 from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wschat.closing import closeWith
@@ -122,6 +124,13 @@ class ChatServerProtocol(WebSocketServerProtocol):
                 self.failHandshake(
                     f"Request Header Fields Too Large (over {MAX_REQUEST_HEAD} bytes)", 431
                 )
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        # The dead transport still holds what it could not send (up to --max-queue and its
+        # own 64 KiB). Autobahn's is_closed Deferred keeps this protocol in a reference
+        # cycle that only a full garbage collection frees, so let go of the transport now.
+        self.transport = None
 
     def onConnect(self, request: ConnectionRequest) -> None:
         assert self.transport is not None
