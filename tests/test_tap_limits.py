@@ -106,6 +106,16 @@ class FactoryOptionsTests(SynchronousTestCase):
         self.assertFalse(factory.failByDrop)
         self.assertFalse(factory.webStatus)
 
+    def test_null_origin_setting_kept(self) -> None:
+        """Applying the limits keeps Autobahn's allowNullOrigin (setProtocolOptions resets it)."""
+        from wschat.protocol import ChatServerFactory
+
+        factory = ChatServerFactory()
+        self.assertTrue(factory.allowNullOrigin)
+        factory.setProtocolOptions(allowNullOrigin=False)
+        factory.setProtocolOptions(allowNullOrigin=factory.allowNullOrigin)
+        self.assertFalse(factory.allowNullOrigin)
+
     def test_compression_flag(self) -> None:
         """--compression accepts permessage-deflate offers; without it none is accepted."""
         self.assertIs(

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from wschat.closing import closeWith
+from wschat.closing import sendCloseCode
 from wschat.limits import MAX_REQUEST_HEAD, ConnectionCounter, Limits, TokenBucket, hostKey
 from wschat.room import Room
 from wschat.wire import Format, Message, formatAddress
@@ -107,7 +107,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             peer=self.address,
             limit=self._maxQueue,
         )
-        closeWith(
+        sendCloseCode(
             self,
             CLOSE_POLICY_VIOLATION,
             f"too slow: more than {self._maxQueue} bytes waiting to be sent",
@@ -168,7 +168,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
         bucket = self._bucket
         if bucket is not None and not bucket.take():
             self._log.info("Closing {peer}: rate limit exceeded", peer=self.address)
-            closeWith(
+            sendCloseCode(
                 self,
                 CLOSE_POLICY_VIOLATION,
                 f"rate limit exceeded: over {bucket.rate:g} messages/s (burst {bucket.burst})",
@@ -176,7 +176,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             return
         factory = self.factory
         if isBinary and factory.room.format is Format.PREFIXED:
-            closeWith(
+            sendCloseCode(
                 self,
                 WebSocketProtocol.CLOSE_STATUS_CODE_UNSUPPORTED_DATA,
                 "binary messages are not accepted; send text",
@@ -272,6 +272,8 @@ class ChatServerFactory(WebSocketServerFactory):
             # (which also answers ?redirect=URL with a redirect anywhere).
             webStatus=False,
             perMessageCompressionAccept=acceptDeflate if compression else None,
+            # setProtocolOptions resets this one unless given: keep what is set.
+            allowNullOrigin=self.allowNullOrigin,
         )
 
 

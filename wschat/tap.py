@@ -33,7 +33,7 @@ def _port(value: str) -> int:
     return port
 
 
-def _positiveSize(value: str) -> int:
+def _byteSize(value: str) -> int:
     size = parseSize(value)
     if size < 1:
         raise ValueError(f"{value!r} must be at least 1 byte")
@@ -47,21 +47,21 @@ def _positiveSeconds(value: str) -> float:
     return seconds
 
 
-def _seconds(value: str) -> float:
+def _secondsOrOff(value: str) -> float:
     seconds = float(value)
     if not seconds >= 0:
         raise ValueError(f"{value!r} must be a number of seconds, 0 or more")
     return seconds
 
 
-def _rate(value: str) -> float:
+def _messageRate(value: str) -> float:
     rate = float(value)
     if not 0 <= rate < float("inf"):
         raise ValueError(f"{value!r} must be a number of messages per second, 0 or more")
     return rate
 
 
-def _count(value: str) -> int:
+def _limitOrOff(value: str) -> int:
     count = int(value)
     if count < 0:
         raise ValueError(f"{value!r} must be a whole number, 0 or more")
@@ -85,7 +85,7 @@ LIMIT_PARAMETERS: list[list[Any]] = [
         _defaults.maxQueue,
         "Bytes (64K, 1M...) a client may have waiting to be sent once its connection's "
         "buffer is full; past it the client is closed (1008) and dropped.",
-        _positiveSize,
+        _byteSize,
     ],
     [
         "max-message-size",
@@ -93,14 +93,14 @@ LIMIT_PARAMETERS: list[list[Any]] = [
         _defaults.maxMessageSize,
         "Largest frame or message (after decompression) a client may send; "
         "larger ones close the connection with 1009.",
-        _positiveSize,
+        _byteSize,
     ],
     [
         "ping-interval",
         None,
         _defaults.pingInterval,
         "Seconds between pings to each client (0: no pings).",
-        _seconds,
+        _secondsOrOff,
     ],
     [
         "ping-timeout",
@@ -122,7 +122,7 @@ LIMIT_PARAMETERS: list[list[Any]] = [
         _defaults.rateLimit,
         "Messages per second each client may send on average (0: unlimited); "
         "past it the client is closed (1008).",
-        _rate,
+        _messageRate,
     ],
     [
         "rate-burst",
@@ -136,14 +136,14 @@ LIMIT_PARAMETERS: list[list[Any]] = [
         None,
         _defaults.maxConnections,
         "Connections in all (0: unlimited); past it handshakes get HTTP 503.",
-        _count,
+        _limitOrOff,
     ],
     [
         "max-connections-per-ip",
         None,
         _defaults.maxConnectionsPerIp,
         "Connections from one IP address or IPv6 /64 (0: unlimited); past it HTTP 429.",
-        _count,
+        _limitOrOff,
     ],
 ]
 

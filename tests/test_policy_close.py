@@ -1,4 +1,4 @@
-"""Pins the Autobahn behaviour wschat.closing relies on, and its fallback."""
+"""Policy closes (1008, 1003): the Autobahn behaviour wschat.closing relies on, and its fallback."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from txaio.testutil import replace_loop
 
-from wschat.closing import closeWith
+from wschat.closing import sendCloseCode
 from wschat.protocol import ChatServerFactory
 from wschat.wire import Format
 
 
-class CloseWithTests(SynchronousTestCase):
+class PolicyCloseTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
         loop = replace_loop(self.clock)
@@ -27,7 +27,7 @@ class CloseWithTests(SynchronousTestCase):
         """A code sendClose refuses (1008) goes out in a close frame with its reason."""
         peer = RawPeer(self.factory).open()
         self.assertRaisesRegex(Exception, "invalid close code", peer.protocol.sendClose, 1008, "x")
-        closeWith(peer.protocol, 1008, "policy")
+        sendCloseCode(peer.protocol, 1008, "policy")
         self.assertEqual(peer.closeFrame(), (1008, "policy"))
         self.assertEqual(peer.protocol.state, WebSocketProtocol.STATE_CLOSING)
         self.assertEqual(peer.protocol.localCloseCode, 1008)
@@ -35,7 +35,7 @@ class CloseWithTests(SynchronousTestCase):
     def test_drops_after_close_handshake_timeout(self) -> None:
         """A peer that never answers the close is aborted after closeHandshakeTimeout."""
         peer = RawPeer(self.factory).open()
-        closeWith(peer.protocol, 1008, "policy")
+        sendCloseCode(peer.protocol, 1008, "policy")
         self.clock.advance(self.factory.closeHandshakeTimeout - 0.3)
         self.assertFalse(peer.dropped)
         self.clock.advance(0.6)
@@ -44,7 +44,7 @@ class CloseWithTests(SynchronousTestCase):
     def test_answered_close_is_clean(self) -> None:
         """A peer answering the close ends it cleanly, without waiting for the timeout."""
         peer = RawPeer(self.factory).open()
-        closeWith(peer.protocol, 1003, "no")
+        sendCloseCode(peer.protocol, 1003, "no")
         peer.send(frame(OP_CLOSE, struct.pack("!H", 1003)))
         self.assertTrue(peer.dropped)
         self.assertTrue(peer.protocol.wasClean)
@@ -54,23 +54,23 @@ class CloseWithTests(SynchronousTestCase):
     def test_reason_truncated_to_valid_utf8(self) -> None:
         """A long reason is cut to 123 bytes on a character boundary."""
         peer = RawPeer(self.factory).open()
-        closeWith(peer.protocol, 1008, "é" * 100)
+        sendCloseCode(peer.protocol, 1008, "é" * 100)
         code, reason = peer.closeFrame() or (0, "")
         self.assertEqual(reason, "é" * 61)
 
     def test_not_open_does_nothing(self) -> None:
         """Closing a connection still handshaking, or already closing, writes nothing."""
         peer = RawPeer(self.factory)
-        closeWith(peer.protocol, 1008, "early")
+        sendCloseCode(peer.protocol, 1008, "early")
         self.assertEqual(peer.output(), b"")
         peer.open()
-        closeWith(peer.protocol, 1008, "first")
-        closeWith(peer.protocol, 1003, "second")
+        sendCloseCode(peer.protocol, 1008, "first")
+        sendCloseCode(peer.protocol, 1003, "second")
         self.assertEqual(peer.closeFrame(), (1008, "first"))
         self.assertEqual(len([f for f in peer.frames() if f[0] == 8]), 1)
 
     def test_fallback_without_sendCloseFrame(self) -> None:
-        """Without sendCloseFrame, the code moves to the private range: 1008 becomes 4008."""
+        """Without sendCloseFrame, the close is still clean: 1000 with the reason."""
         sent = []
 
         class Old:
@@ -79,5 +79,5 @@ class CloseWithTests(SynchronousTestCase):
             def sendClose(self, code: int, reason: str) -> None:
                 sent.append((code, reason))
 
-        closeWith(Old(), 1008, "policy")  # type: ignore[arg-type]
-        self.assertEqual(sent, [(4008, "policy")])
+        sendCloseCode(Old(), 1008, "policy")  # type: ignore[arg-type]
+        self.assertEqual(sent, [(1000, "policy")])
