@@ -175,10 +175,11 @@ class GoAwayTests(SynchronousTestCase):
         pump.flush()
         self.successResultOf(done)
         late, raw, latePump = memoryConnection(factory, protocol.Factory.forProtocol(RawClient))
+        lateTransport = late.transport
         raw.transport.write(HANDSHAKE)
         latePump.flush()
         self.assertTrue(raw.received.startswith(b"HTTP/1.1 503 server shutting down\r\n"))
-        self.assertTrue(late.transport.disconnected)
+        self.assertTrue(lateTransport.disconnected)
 
 
 class FallbackTests(SynchronousTestCase):

@@ -22,14 +22,23 @@ from twisted.internet import defer, endpoints, protocol, reactor, utils
 
 from wschat.testing import listeningPort, spawnTwistd
 
-DAEMON_ARGS = ["--format", "raw", "--welcome", "", "--no-message-log"]
+#: The suite's 9.x cases send messages up to 16 MiB: far past the 64 KiB default limit.
+DAEMON_ARGS = [
+    "--format",
+    "raw",
+    "--welcome",
+    "",
+    "--no-message-log",
+    "--max-message-size",
+    "16M",
+]
 LISTEN = ["--listen", "tcp:0:interface=127.0.0.1"]
 CASES = 517
 
-#: (extra daemon arguments, whether permessage-deflate must be implemented). To run the suite
-#: with compression as well, add ``pytest.param(["--compression"], True, id="compression")``.
+#: (extra daemon arguments, whether permessage-deflate must be implemented).
 CONFIGURATIONS = [
     pytest.param([], False, id="plain"),
+    pytest.param(["--compression"], True, id="compression"),
 ]
 
 GOOD_BEHAVIOUR = {"OK", "NON-STRICT", "INFORMATIONAL"}

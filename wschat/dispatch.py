@@ -20,8 +20,10 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.python.failure import Failure
 
-#: The longest request head taken (Twisted web's own limit on request line and headers).
-MAX_HEAD = 16 * 1024
+from wschat.limits import MAX_REQUEST_HEAD
+
+#: The longest request head taken; past it, HTTP 431.
+MAX_HEAD = MAX_REQUEST_HEAD
 
 #: Seconds a refused connection is read from, and discarded, before it is dropped.
 LINGER = 2.0

@@ -22,6 +22,7 @@ from zope.interface import implementer
 from wschat.bus import DEFAULT_CHANNEL, RedisBus, parseChannel, parseRedisURL
 from wschat.dispatch import DispatchFactory
 from wschat.handshake import OriginPolicy
+from wschat.limits import Limits, parseSize
 from wschat.protocol import DEFAULT_WELCOME, ChatServerFactory
 from wschat.web import makeMetricsSite, makeSite
 from wschat.wire import Format
@@ -41,18 +42,134 @@ def _port(value: str) -> int:
     return port
 
 
-def _nonNegativeInt(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError(f"{number} is negative")
-    return number
+def _byteSize(value: str) -> int:
+    size = parseSize(value)
+    if size < 1:
+        raise ValueError(f"{value!r} must be at least 1 byte")
+    return size
 
 
-def _seconds(value: str) -> float:
+def _positiveSeconds(value: str) -> float:
     seconds = float(value)
-    if not seconds >= 0:  # also refuses nan
-        raise ValueError(f"{value} is not a number of seconds (0 or more)")
+    if not seconds > 0:
+        raise ValueError(f"{value!r} must be a number of seconds above 0")
     return seconds
+
+
+def _secondsOrOff(value: str) -> float:
+    seconds = float(value)
+    if not seconds >= 0:
+        raise ValueError(f"{value!r} must be a number of seconds, 0 or more")
+    return seconds
+
+
+def _messageRate(value: str) -> float:
+    rate = float(value)
+    if not 0 <= rate < float("inf"):
+        raise ValueError(f"{value!r} must be a number of messages per second, 0 or more")
+    return rate
+
+
+def _limitOrOff(value: str) -> int:
+    count = int(value)
+    if count < 0:
+        raise ValueError(f"{value!r} must be a whole number, 0 or more")
+    return count
+
+
+def _positiveCount(value: str) -> int:
+    count = int(value)
+    if count < 1:
+        raise ValueError(f"{value!r} must be a whole number, 1 or more")
+    return count
+
+
+_defaults = Limits()
+
+#: Resource limits (README: "Limits and hostile input"); each becomes a field of Limits.
+LIMIT_PARAMETERS: list[list[Any]] = [
+    [
+        "max-queue",
+        None,
+        _defaults.maxQueue,
+        "Bytes (64K, 1M...) a client may have waiting to be sent once its connection's "
+        "buffer is full; past it the client is closed (1008) and dropped.",
+        _byteSize,
+    ],
+    [
+        "max-message-size",
+        None,
+        _defaults.maxMessageSize,
+        "Largest frame or message (after decompression) a client may send; "
+        "larger ones close the connection with 1009.",
+        _byteSize,
+    ],
+    [
+        "ping-interval",
+        None,
+        _defaults.pingInterval,
+        "Seconds between pings to each client (0: no pings).",
+        _secondsOrOff,
+    ],
+    [
+        "ping-timeout",
+        None,
+        _defaults.pingTimeout,
+        "Seconds to wait for a pong before dropping the client.",
+        _positiveSeconds,
+    ],
+    [
+        "handshake-timeout",
+        None,
+        _defaults.handshakeTimeout,
+        "Seconds a client has to finish the opening handshake.",
+        _positiveSeconds,
+    ],
+    [
+        "rate-limit",
+        None,
+        _defaults.rateLimit,
+        "Messages per second each client may send on average (0: unlimited); "
+        "past it the client is closed (1008).",
+        _messageRate,
+    ],
+    [
+        "rate-burst",
+        None,
+        _defaults.rateBurst,
+        "Messages a client may send at once before --rate-limit applies.",
+        _positiveCount,
+    ],
+    [
+        "max-connections",
+        None,
+        _defaults.maxConnections,
+        "Connections in all (0: unlimited); past it handshakes get HTTP 503.",
+        _limitOrOff,
+    ],
+    [
+        "max-connections-per-ip",
+        None,
+        _defaults.maxConnectionsPerIp,
+        "Connections from one IP address or IPv6 /64 (0: unlimited); past it HTTP 429.",
+        _limitOrOff,
+    ],
+]
+
+
+def limitsFromOptions(options: usage.Options) -> Limits:
+    """The :class:`Limits` the command line asked for."""
+    return Limits(
+        maxQueue=options["max-queue"],
+        maxMessageSize=options["max-message-size"],
+        pingInterval=options["ping-interval"],
+        pingTimeout=options["ping-timeout"],
+        handshakeTimeout=options["handshake-timeout"],
+        rateLimit=options["rate-limit"],
+        rateBurst=options["rate-burst"],
+        maxConnections=options["max-connections"],
+        maxConnectionsPerIp=options["max-connections-per-ip"],
+    )
 
 
 class Options(usage.Options):
@@ -88,19 +205,25 @@ class Options(usage.Options):
             0,
             "Behind N trusted proxies, take the sender from the Nth-last X-Forwarded-For "
             "entry (0: ignore the header).",
-            _nonNegativeInt,
+            _limitOrOff,
         ],
         [
             "shutdown-timeout",
             None,
             5.0,
             "Seconds to wait on stop for clients to finish the close handshake (1001).",
-            _seconds,
+            _secondsOrOff,
         ],
     ]
+    optParameters += LIMIT_PARAMETERS
     optFlags: list[list[str | None]] = [
         ["no-message-log", None, "Do not log message bodies (privacy, speed)."],
         ["no-metrics", None, "Do not serve Prometheus metrics at /metrics."],
+        [
+            "compression",
+            None,
+            "Offer permessage-deflate compression (costs CPU and memory per client).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -195,6 +318,8 @@ def makeFactory(options: Options) -> ChatServerFactory:
         logMessages=not options["no-message-log"],
         origins=options["origins"],
         trustedHops=options["trust-forwarded-for"],
+        limits=limitsFromOptions(options),
+        compression=options["compression"],
     )
 
 
