@@ -18,9 +18,9 @@ from collections import Counter
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, endpoints, protocol, reactor, utils
+from twisted.internet import reactor, utils
 
-from wschat.testing import listeningPort, spawnTwistd
+from wschat.testing import listeningPort, rawExchange, spawnTwistd
 
 #: The suite's 9.x cases send messages up to 16 MiB: far past the 64 KiB default limit. Our
 #: keep-alive pings are off: kosoku ends a case that receives a ping it did not expect.
@@ -114,24 +114,6 @@ async def test_autobahn_testsuite(tmp_path, extraArgs, compression, selection):
         assert not any(r["behavior"] == "UNIMPLEMENTED" for r in results.values())
 
 
-class RawClient(protocol.Protocol):
-    """Writes bytes by hand and keeps everything the daemon sends until it closes."""
-
-    def __init__(self, data: bytes) -> None:
-        self.toSend = data
-        self.received = b""
-        self.lost: defer.Deferred[bytes] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.toSend)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason=None) -> None:
-        self.lost.callback(self.received)
-
-
 def clientFrame(opcode: int, payload: bytes, rsv: int = 0) -> bytes:
     """One final, masked client frame (payload under 126 bytes)."""
     mask = b"\x01\x02\x03\x04"
@@ -147,10 +129,7 @@ HANDSHAKE = (
 
 async def exchange(port: int, data: bytes) -> tuple[bytes, bytes]:
     """Send ``data`` raw; return the response head and the frames that came until the close."""
-    raw = RawClient(data)
-    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-    await endpoints.connectProtocol(endpoint, raw)
-    received = await raw.lost.addTimeout(10, reactor)
+    received = await rawExchange(f"ws://127.0.0.1:{port}", data)
     head, _, frames = received.partition(b"\r\n\r\n")
     return head, frames
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest_twisted
-from twisted.internet import endpoints, protocol, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -11,6 +10,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from wschat.dispatch import LINGER, MAX_HEAD, DispatchFactory, isWebSocketUpgrade
+from wschat.testing import rawExchange
 
 UPGRADE = (
     b"GET /room HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -143,31 +143,11 @@ class DispatcherTests(SynchronousTestCase):
         self.assertTrue(transport.aborted)
 
 
-class RawClient(protocol.Protocol):
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.received = b""
-        from twisted.internet.defer import Deferred
-
-        self.lost: Deferred[bytes] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.data)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: object = None) -> None:
-        self.lost.callback(self.received)
-
-
 @pytest_twisted.ensureDeferred
 async def test_oversized_head_gets_an_http_error(daemon):
     """Over loopback, a request head too big to be one gets an HTTP error, never a hang."""
-    service, _ = daemon()
-    port = service.ports[0].getHost().port
-    raw = RawClient(b"GET / HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD * 2) + b"\r\n\r\n")
-    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-    await endpoints.connectProtocol(endpoint, raw)
-    response = await raw.lost.addTimeout(10, reactor)
+    _, url = daemon()
+    response = await rawExchange(
+        url, b"GET / HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD * 2) + b"\r\n\r\n"
+    )
     assert response.startswith(b"HTTP/1.1 431 "), response[:80]

@@ -5,51 +5,16 @@ from __future__ import annotations
 import gc
 import os
 import re
-import socket
 import weakref
 from typing import Any
 
 import pytest
 import pytest_twisted
 from rawws import handshake
-from twisted.internet import defer, endpoints, reactor, task
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
+from twisted.internet import defer, reactor, task
 
 from wschat.protocol import ChatServerProtocol
-from wschat.testing import QueueClientProtocol, connect
-
-
-class RawClient(Protocol):
-    """A TCP client that writes what it is told and collects what it gets, until closed."""
-
-    def __init__(self, greeting: bytes = b"", read: bool = True) -> None:
-        self.greeting = greeting
-        self.read = read
-        self.received = b""
-        self.lost: defer.Deferred[None] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        if not self.read:
-            # Never read: the smallest receive window, and no reading at all.
-            self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
-        if self.greeting:
-            self.transport.write(self.greeting)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self.lost.callback(None)
-
-
-async def rawConnect(url: str, client: RawClient) -> RawClient:
-    host, port = url.removeprefix("ws://").rsplit(":", 1)
-    endpoint = endpoints.TCP4ClientEndpoint(reactor, host, int(port))
-    await endpoints.connectProtocol(endpoint, client)
-    return client
+from wschat.testing import QueueClientProtocol, RawClient, connect, rawConnect
 
 
 def spyOnOpens(service: Any) -> defer.DeferredQueue[ChatServerProtocol]:

@@ -6,7 +6,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, endpoints, protocol, reactor
 
-from wschat.testing import connect
+from wschat.testing import RawClient, connect, rawConnect
 
 
 class RawHTTP(protocol.Protocol):
@@ -176,27 +176,10 @@ async def test_forwarded_for_two_hops(daemon):
         await c.closed
 
 
-class Recorder(protocol.Protocol):
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.received = b""
-        self.lost: defer.Deferred[bytes] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.data)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason=None) -> None:
-        self.lost.callback(self.received)
-
-
 @pytest_twisted.ensureDeferred
 async def test_forwarded_for_several_headers(daemon):
     """Several X-Forwarded-For headers are one list, in order, as HTTP says."""
     service, url = daemon("--welcome", "", "--trust-forwarded-for", "2")
-    port = service.ports[0].getHost().port
     mask = b"\x00\x00\x00\x00"
     request = (
         b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -205,9 +188,7 @@ async def test_forwarded_for_several_headers(daemon):
     )
     text = b"\x81\x82" + mask + b"hi"
     close = b"\x88\x82" + mask + b"\x03\xe8"
-    raw = Recorder(request + text + close)
-    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-    await endpoints.connectProtocol(endpoint, raw)
+    raw = await rawConnect(url, RawClient(request + text + close))
     sourcePort = raw.transport.getHost().port
     head, _, frames = (await raw.lost).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101 ")

@@ -5,6 +5,7 @@ Test doubles and loopback helpers, shipped so that users' tests and ours share t
 - :func:`connect` opens a real WebSocket client over loopback that queues what it receives.
 - :func:`spawn` runs a real command (`twistd`, the client) whose output a test waits on.
 - :class:`MemoryRoom` is a server factory on a fake clock with in-memory clients.
+- :class:`RawClient`, :func:`rawConnect` and :func:`rawExchange` send bytes by hand over TCP.
 - :func:`memoryConnection` joins a server and a client protocol through in-memory transports,
   for protocol logic driven by a :class:`~twisted.internet.testing.MemoryReactorClock`.
 - :func:`makeTLSFiles` writes a throwaway CA and a server certificate it signed, for ``wss://``.
@@ -37,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import defer, endpoints
 from twisted.internet.address import IPv4Address
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -424,3 +425,50 @@ def spawnTwistd(args: Sequence[str], cwd: str) -> ProcessWatcher:
 async def listeningPort(child: ProcessWatcher) -> int:
     """The first TCP port a ``twistd wschat`` child says it listens on."""
     return int((await child.waitFor(LISTENING)).group(1))
+
+
+class RawClient(Protocol):
+    """
+    A TCP client that writes bytes by hand (what no well-behaved client would send) and keeps
+    everything it receives; ``lost`` fires with all of it when the connection closes.
+
+    With ``read=False`` it never reads: the smallest receive window, and reading paused.
+    """
+
+    def __init__(self, data: bytes = b"", read: bool = True) -> None:
+        self.data = data
+        self.read = read
+        self.received = b""
+        self.lost: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        if not self.read:
+            self.transport.getHandle().setsockopt(  # type: ignore[attr-defined]
+                socket.SOL_SOCKET, socket.SO_RCVBUF, 1
+            )
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        if self.data:
+            self.transport.write(self.data)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.lost.callback(self.received)
+
+
+async def rawConnect(url: str, client: RawClient) -> RawClient:
+    """Connect ``client`` over TCP to the host and port of ``url`` (``ws://host:port``)."""
+    from twisted.internet import reactor
+
+    host, port = url.split("//", 1)[-1].rstrip("/").rsplit(":", 1)
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, host.strip("[]"), int(port))
+    await endpoints.connectProtocol(endpoint, client)
+    return client
+
+
+async def rawExchange(url: str, data: bytes) -> bytes:
+    """Send ``data`` by hand; everything the daemon sent back until it closed."""
+    client = await rawConnect(url, RawClient(data))
+    return await client.lost
