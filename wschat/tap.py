@@ -4,6 +4,9 @@ Options and service wiring for ``twistd wschat``: parse the command line, build 
 
 from __future__ import annotations
 
+import math
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service, strports
@@ -35,53 +38,38 @@ def portDescription(port: int, interface: str) -> str:
     return f"tcp:{port}:interface={endpoints.quoteStringArgument(interface)}"
 
 
-def _port(value: str) -> int:
-    port = int(value)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{port} is not a TCP port number (0-65535)")
-    return port
+def _bounded(
+    convert: Callable[[str], float], low: float, what: str, high: float = math.inf
+) -> Callable[[str], Any]:
+    """A validator: ``convert`` the text and check ``low <= value <= high`` (refuses nan)."""
+
+    def validate(value: str) -> Any:
+        number = convert(value)
+        if not low <= number <= high:
+            raise ValueError(f"{value!r} must be {what}")
+        return number
+
+    return validate
 
 
-def _byteSize(value: str) -> int:
-    size = parseSize(value)
-    if size < 1:
-        raise ValueError(f"{value!r} must be at least 1 byte")
-    return size
+_port = _bounded(int, 0, "a TCP port number (0-65535)", 65535)
+_byteSize = _bounded(parseSize, 1, "at least 1 byte")
+_positiveSeconds = _bounded(float, math.ulp(0), "a number of seconds above 0", math.inf)
+_secondsOrOff = _bounded(float, 0, "a number of seconds, 0 or more", math.inf)
+_messageRate = _bounded(float, 0, "a number of messages per second, 0 or more", sys.float_info.max)
+_limitOrOff = _bounded(int, 0, "a whole number, 0 or more")
+_positiveCount = _bounded(int, 1, "a whole number, 1 or more")
 
 
-def _positiveSeconds(value: str) -> float:
-    seconds = float(value)
-    if not seconds > 0:
-        raise ValueError(f"{value!r} must be a number of seconds above 0")
-    return seconds
+def _endpoint(option: str, description: str) -> str:
+    """Check that ``description`` is a server endpoint description (it is parsed, not used)."""
+    from twisted.internet import reactor
 
-
-def _secondsOrOff(value: str) -> float:
-    seconds = float(value)
-    if not seconds >= 0:
-        raise ValueError(f"{value!r} must be a number of seconds, 0 or more")
-    return seconds
-
-
-def _messageRate(value: str) -> float:
-    rate = float(value)
-    if not 0 <= rate < float("inf"):
-        raise ValueError(f"{value!r} must be a number of messages per second, 0 or more")
-    return rate
-
-
-def _limitOrOff(value: str) -> int:
-    count = int(value)
-    if count < 0:
-        raise ValueError(f"{value!r} must be a whole number, 0 or more")
-    return count
-
-
-def _positiveCount(value: str) -> int:
-    count = int(value)
-    if count < 1:
-        raise ValueError(f"{value!r} must be a whole number, 1 or more")
-    return count
+    try:
+        endpoints.serverFromString(reactor, description)
+    except Exception as e:
+        raise usage.UsageError(f"{option} {description!r}: {e}") from e
+    return description
 
 
 _defaults = Limits()
@@ -239,13 +227,7 @@ class Options(usage.Options):
         ssl:2443:privateKey=key.pem:certKey=cert.pem).
         Repeatable; replaces --port and --interface.
         """
-        from twisted.internet import reactor
-
-        try:
-            endpoints.serverFromString(reactor, description)
-        except Exception as e:
-            raise usage.UsageError(f"--listen {description!r}: {e}") from e
-        self["listen"].append(description)
+        self["listen"].append(_endpoint("--listen", description))
 
     def opt_allowed_origin(self, origin: str) -> None:
         """Let in pages from ORIGIN too (https://host[:port]; '*' all; 'null'). Repeatable."""
@@ -258,13 +240,7 @@ class Options(usage.Options):
 
     def opt_metrics_listen(self, description: str) -> None:
         """Serve /metrics on this endpoint, not the chat port (tcp:9100:interface=127.0.0.1)."""
-        from twisted.internet import reactor
-
-        try:
-            endpoints.serverFromString(reactor, description)
-        except Exception as e:
-            raise usage.UsageError(f"--metrics-listen {description!r}: {e}") from e
-        self["metrics-listen"] = description
+        self["metrics-listen"] = _endpoint("--metrics-listen", description)
 
     def postOptions(self) -> None:
         self["origins"] = OriginPolicy.fromList(self["allowed-origin"])
