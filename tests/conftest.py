@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer
 
 from wschat.tap import ChatService
-from wschat.testing import startDaemon
+from wschat.testing import ProcessWatcher, spawn, startDaemon
 
 
 @pytest_twisted.async_yield_fixture
@@ -24,3 +25,22 @@ async def daemon() -> AsyncIterator[Callable[..., tuple[ChatService, str]]]:
     yield start
     for service in started:
         await defer.maybeDeferred(service.stopService)
+
+
+@pytest.fixture
+def processes(tmp_path):
+    """
+    Spawn commands with ``processes(*argv)`` in a scratch folder (so the installed package, not
+    the checkout, is imported); any still running are killed after the test.
+    """
+    running: list[ProcessWatcher] = []
+
+    def start(*args: str) -> ProcessWatcher:
+        watcher = spawn(args, cwd=str(tmp_path))
+        running.append(watcher)
+        return watcher
+
+    yield start
+    for watcher in running:
+        if not watcher.ended.called:
+            pytest_twisted.blockon(defer.ensureDeferred(watcher.kill()))

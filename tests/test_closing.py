@@ -1,51 +1,188 @@
-"""Closing with protocol-level codes, and the Autobahn behaviour that relies on."""
+"""Close codes Autobahn's sendClose refuses, and closing every connection within a bound."""
 
 from __future__ import annotations
 
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet import defer, protocol
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from wschat.closing import MESSAGE_TOO_BIG, closeWith
-from wschat.testing import MemoryRoom
+from wschat.closing import MAX_REASON_BYTES, closeAll, closeWith
+from wschat.protocol import ChatServerFactory
+from wschat.testing import memoryConnection
 
 
-def connectedPair():
-    room = MemoryRoom(welcome="")
-    server, client = room.connect()
-    return server, client, room
+class RecordingClient(WebSocketClientProtocol):
+    closes: list[tuple[bool, int | None, str | None]]
+
+    def onOpen(self) -> None:
+        self.closes = []
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.closes.append((wasClean, code, reason))
 
 
-class CloseWithTests(SynchronousTestCase):
-    def test_autobahn_refuses_protocol_codes_in_sendClose(self) -> None:
-        """Autobahn's public sendClose refuses 1009: why closeWith exists at all."""
-        server, client, pump = connectedPair()
-        with self.assertRaisesRegex(Exception, "invalid close code 1009"):
-            server.sendClose(MESSAGE_TOO_BIG, "too big")
+def openPair():
+    serverFactory = ChatServerFactory(welcome="")
+    clientFactory = WebSocketClientFactory("ws://127.0.0.1:2000")
+    clientFactory.protocol = RecordingClient
+    server, client, pump = memoryConnection(serverFactory, clientFactory)
+    pump.flush()
+    assert server.state == WebSocketProtocol.STATE_OPEN
+    return serverFactory, server, client, pump
 
-    def test_close_code_and_reason_reach_the_peer(self) -> None:
-        """closeWith sends the given code and reason, and the handshake completes."""
-        server, client, pump = connectedPair()
-        closeWith(server, MESSAGE_TOO_BIG, "message too big")
+
+class SendCloseCodeTests(SynchronousTestCase):
+    def test_autobahnRefusesGoingAway(self) -> None:
+        """Autobahn's public sendClose refuses 1001: the reason closeWith exists."""
+        _, server, _, _ = openPair()
+        try:
+            server.sendClose(1001, "bye")
+        except Exception as e:  # Autobahn raises a bare Exception
+            self.assertIn("invalid close code 1001", str(e))
+        else:
+            self.fail("sendClose accepted 1001")
+        self.assertEqual(server.state, WebSocketProtocol.STATE_OPEN)
+
+    def test_goingAway(self) -> None:
+        """closeWith starts a clean closing handshake that the peer sees as 1001."""
+        _, server, client, pump = openPair()
+        closeWith(server, 1001, "server shutting down")
         self.assertEqual(server.state, WebSocketProtocol.STATE_CLOSING)
+        self.assertEqual(server.localCloseCode, 1001)
         pump.flush()
-        self.assertEqual(client.closed.result, (MESSAGE_TOO_BIG, "message too big"))
+        self.assertEqual(client.closes, [(True, 1001, "server shutting down")])
         self.assertEqual(server.state, WebSocketProtocol.STATE_CLOSED)
 
-    def test_long_reason_is_truncated(self) -> None:
-        """A reason too long for a close frame is cut to 123 bytes, on a character boundary."""
-        server, client, pump = connectedPair()
-        closeWith(server, MESSAGE_TOO_BIG, "é" * 100)
-        pump.flush()
-        self.assertEqual(client.closed.result, (MESSAGE_TOO_BIG, "é" * 61))
+    def test_closeHandshakeTimeoutArmed(self) -> None:
+        """Like sendClose, it arms Autobahn's close-handshake timeout for a silent peer."""
+        _, server, _, _ = openPair()
+        closeWith(server, 1001, "bye")
+        self.assertIsNotNone(server.closeHandshakeTimeoutCall)
+        server.closeHandshakeTimeoutCall.cancel()
 
-    def test_closing_twice_is_harmless(self) -> None:
-        """closeWith on a connection already closing does nothing."""
-        server, client, pump = connectedPair()
-        closeWith(server, MESSAGE_TOO_BIG, "first")
-        closeWith(server, 1001, "second")
+    def test_longReasonTruncated(self) -> None:
+        """A reason longer than a control frame allows is cut at a character boundary."""
+        _, server, client, pump = openPair()
+        closeWith(server, 1001, "é" * 100)
+        self.assertLessEqual(len(server.localCloseReason), MAX_REASON_BYTES)
         pump.flush()
-        self.assertEqual(client.closed.result, (MESSAGE_TOO_BIG, "first"))
+        self.assertEqual(client.closes, [(True, 1001, "é" * (MAX_REASON_BYTES // 2))])
 
+    def test_notOpen(self) -> None:
+        """On a connection that is already closing, it does nothing."""
+        _, server, client, pump = openPair()
+        server.sendClose(1000)
+        closeWith(server, 1001, "bye")
+        self.assertEqual(server.localCloseCode, 1000)
+        pump.flush()
+        self.assertEqual(client.closes, [(True, 1000, None)])
+
+    def test_fallback(self) -> None:
+        """Without sendCloseFrame, the close is still clean, as 1000 with the reason."""
+
+        class Minimal:
+            state = WebSocketProtocol.STATE_OPEN
+
+            def __init__(self) -> None:
+                self.sent: list[tuple[int, str]] = []
+
+            def sendClose(self, code: int, reason: str) -> None:
+                self.sent.append((code, reason))
+
+        connection = Minimal()
+        closeWith(connection, 1001, "bye")  # type: ignore[arg-type]
+        self.assertEqual(connection.sent, [(1000, "bye")])
+
+
+HANDSHAKE = (
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1:2000\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+class RawClient(protocol.Protocol):
+    received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+class FakeConnection:
+    def __init__(self) -> None:
+        self.asked = 0
+        self.aborted = False
+        self.gone: defer.Deferred[None] = defer.Deferred()
+
+    def goAway(self) -> defer.Deferred[None]:
+        self.asked += 1
+        return self.gone
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.gone.callback(None)
+
+
+class CloseAllTests(SynchronousTestCase):
+    def test_nobody(self) -> None:
+        """With no connection, it is done at once."""
+        self.successResultOf(closeAll([], 5, Clock()))
+
+    def test_waitsForEveryone(self) -> None:
+        """Everyone is told at once; it fires when the last is gone, and stops its timer."""
+        clock = Clock()
+        connections = [FakeConnection(), FakeConnection()]
+        done = closeAll(connections, 5, clock)
+        self.assertEqual([c.asked for c in connections], [1, 1])
+        connections[0].gone.callback(None)
+        self.assertNoResult(done)
+        connections[1].gone.callback(None)
+        self.successResultOf(done)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertFalse(any(c.aborted for c in connections))
+
+    def test_abortsStragglers(self) -> None:
+        """At the timeout, those still there are aborted, and then it fires."""
+        clock = Clock()
+        prompt, silent = FakeConnection(), FakeConnection()
+        done = closeAll([prompt, silent], 5, clock)
+        prompt.gone.callback(None)
+        clock.advance(4.9)
+        self.assertNoResult(done)
+        clock.advance(0.1)
+        self.assertFalse(prompt.aborted)
+        self.assertTrue(silent.aborted)
+        self.successResultOf(done)
+
+
+class GoAwayTests(SynchronousTestCase):
+    def test_goAwayFiresWhenGone(self) -> None:
+        """A protocol's goAway sends 1001 and fires only once the connection is gone."""
+        factory, server, client, pump = openPair()
+        gone = server.goAway()
+        self.assertNoResult(gone)
+        pump.flush()
+        self.successResultOf(gone)
+        self.assertEqual(client.closes, [(True, 1001, "server shutting down")])
+        self.assertEqual(len(factory.room), 0)
+
+    def test_shutDownRefusesNewHandshakes(self) -> None:
+        """While the factory shuts down, a new handshake gets HTTP 503."""
+        factory, server, client, pump = openPair()
+        done = factory.shutDown(5, Clock())
+        pump.flush()
+        self.successResultOf(done)
+        late, raw, latePump = memoryConnection(factory, protocol.Factory.forProtocol(RawClient))
+        lateTransport = late.transport
+        raw.transport.write(HANDSHAKE)
+        latePump.flush()
+        self.assertTrue(raw.received.startswith(b"HTTP/1.1 503 server shutting down\r\n"))
+        self.assertTrue(lateTransport.disconnected)
+
+
+class FallbackTests(SynchronousTestCase):
     def test_fallback_without_sendCloseFrame(self) -> None:
         """Should Autobahn drop sendCloseFrame, the close still happens through sendClose(1000)."""
 
@@ -57,5 +194,5 @@ class CloseWithTests(SynchronousTestCase):
                 self.calls.append((code, reason))
 
         protocol = WithoutSendCloseFrame()
-        closeWith(protocol, MESSAGE_TOO_BIG, "too big")  # type: ignore[arg-type]
+        closeWith(protocol, 1009, "too big")  # type: ignore[arg-type]
         self.assertEqual(protocol.calls, [(1000, "too big")])

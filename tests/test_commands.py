@@ -8,26 +8,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from wschat.testing import ProcessWatcher, freePort, spawn
-
-LISTENING = r"wschat listening on .*port=(\d+)"
-
-
-@pytest.fixture
-def processes(tmp_path):
-    """Spawn commands in a scratch folder; any still running are killed after the test."""
-    running: list[ProcessWatcher] = []
-
-    def start(*args: str) -> ProcessWatcher:
-        watcher = spawn(args, cwd=str(tmp_path))
-        running.append(watcher)
-        return watcher
-
-    yield start
-    for watcher in running:
-        if not watcher.ended.called:
-            watcher.signal("KILL")
-            pytest_twisted.blockon(watcher.ended)
+from wschat.testing import LISTENING, ProcessWatcher, freePort
 
 
 def twistd(processes, *args: str) -> ProcessWatcher:

@@ -8,13 +8,11 @@ from importlib.resources import files
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python import usage
 from twisted.web.client import Agent, PartialDownloadError, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.server import Site
-from zope.interface import implementer
 
 from wschat.tap import Options
 from wschat.testing import connect
@@ -113,27 +111,15 @@ async def test_broken_handshake_gets_400(daemon):
     response.deliverBody(Protocol())  # and let the server close the connection
 
 
-@implementer(IPushProducer)
-class NullProducer:
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 @pytest_twisted.ensureDeferred
-async def test_websocket_connection_may_register_a_producer(daemon):
-    """After the takeover from HTTP, the WebSocket protocol owns its transport's producer slot."""
+async def test_websocket_connection_is_its_transports_producer(daemon):
+    """On the shared port the WebSocket protocol gets its transport's flow control."""
     service, url = daemon()
     client = await connect(url)
     await client.nextText()
     [server] = list(service.factory.room)
-    server.registerProducer(NullProducer(), True)
-    server.unregisterProducer()
+    assert server.transport.producer is server
+    assert server.transport.streamingProducer
 
 
 @pytest_twisted.ensureDeferred
@@ -254,9 +240,6 @@ async def test_tls_serves_page_and_websocket(daemon, tmp_path):
         f"wss://localhost:{port}/", ssl.optionsForClientTLS("localhost", trustRoot=trust)
     )
     assert await client.nextText() == WELCOME
-    [server] = list(service.factory.room)
-    server.registerProducer(NullProducer(), True)
-    server.unregisterProducer()
     client.sendText("secure")
     assert (await client.nextText()).endswith(": secure")
     client.sendClose(1000)

@@ -18,6 +18,7 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.util import parse_url
+from OpenSSL import SSL
 from twisted.internet import defer, ssl, stdio
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import (
@@ -25,7 +26,7 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IReactorTime,
 )
-from twisted.internet.protocol import ReconnectingClientFactory
+from twisted.internet.protocol import ReconnectingClientFactory, connectionDone
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -51,6 +52,18 @@ class ChatClientProtocol(WebSocketClientProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.session.disconnected(self, code, reason)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # The factory only hears that TCP closed; say why when TLS failed (a certificate
+        # that does not verify), or it reads as a mere dropped connection.
+        if reason.check(SSL.Error):
+            error = reason.value
+            errors = error.args[0] if error is not None and error.args else []
+            detail = "; ".join(e[-1] for e in errors if isinstance(e, tuple) and e[-1])
+            self.factory.session.status(
+                f"TLS with {self.factory.url} failed: {detail or reason.getErrorMessage()}"
+            )
+        super().connectionLost(reason)
 
 
 class ChatClientFactory(WebSocketClientFactory, ReconnectingClientFactory):

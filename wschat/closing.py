@@ -1,15 +1,21 @@
 """
-Closing a connection with a protocol-level close code (1001, 1003, 1008, 1009, ...).
+Closing connections: with any close code RFC 6455 gives an endpoint, and all at once at shutdown.
 
-Autobahn's public ``sendClose`` lets an application use only 1000 and 3000-4999; the codes a
-server owes its peers under RFC 6455 section 7.4.1 go through ``sendCloseFrame``, which Autobahn
-calls internal. This module is the one place that relies on it (pinned by tests/test_closing.py);
-without it, the close falls back to 1000 with the same reason text.
+Autobahn's public ``sendClose`` accepts only 1000 and the application codes 3000-4999, but a
+server owes its peers 1001 (going away), 1003, 1008, 1009... :func:`closeWith` is the one place
+that reaches past the public API for that, to ``sendCloseFrame``, the method ``sendClose`` itself
+ends in; tests/test_closing.py pins that behaviour, and without it the close is still clean, as
+a 1000 with the same reason.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any, Protocol
+
 from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 
 GOING_AWAY = WebSocketProtocol.CLOSE_STATUS_CODE_GOING_AWAY  # 1001
 UNSUPPORTED_DATA = WebSocketProtocol.CLOSE_STATUS_CODE_UNSUPPORTED_DATA  # 1003
@@ -17,18 +23,60 @@ POLICY_VIOLATION = WebSocketProtocol.CLOSE_STATUS_CODE_POLICY_VIOLATION  # 1008
 MESSAGE_TOO_BIG = WebSocketProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG  # 1009
 TRY_AGAIN_LATER = 1013
 
+#: The longest close reason that fits a control frame (125 bytes less the 2-byte code).
+MAX_REASON_BYTES = 123
+
+
+def _truncate(reason: str) -> bytes:
+    return reason.encode("utf-8")[:MAX_REASON_BYTES].decode("utf-8", "ignore").encode("utf-8")
+
 
 def closeWith(protocol: WebSocketProtocol, code: int, reason: str) -> None:
     """
-    Start the closing handshake with ``code`` and ``reason`` (truncated to fit a close frame).
-
-    Does nothing for a connection that is already closing or closed.
+    Start the closing handshake on an open connection with ``code`` and ``reason`` (cut to
+    fit a close frame). Does nothing unless the connection is open.
     """
     if protocol.state != WebSocketProtocol.STATE_OPEN:
         return
-    reasonUtf8 = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
-    sendCloseFrame = getattr(protocol, "sendCloseFrame", None)
+    sendCloseFrame: Any = getattr(protocol, "sendCloseFrame", None)
     if sendCloseFrame is None:
-        protocol.sendClose(WebSocketProtocol.CLOSE_STATUS_CODE_NORMAL, reasonUtf8.decode())
-    else:
-        sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=False)
+        protocol.sendClose(WebSocketProtocol.CLOSE_STATUS_CODE_NORMAL, reason)
+        return
+    sendCloseFrame(code=code, reasonUtf8=_truncate(reason), isReply=False)
+
+
+class Leaving(Protocol):
+    """What :func:`closeAll` needs of a connection."""
+
+    def goAway(self) -> defer.Deferred[None]:
+        """Start closing with 1001; the Deferred fires once the connection is gone."""
+
+    def abort(self) -> None:
+        """Drop the connection at the TCP level now."""
+
+
+def closeAll(
+    connections: Iterable[Leaving], timeout: float, clock: IReactorTime
+) -> defer.Deferred[None]:
+    """
+    Tell every connection to go away, and fire once all are gone. Those still there
+    ``timeout`` seconds later (a peer that never answers the close) are aborted.
+    """
+    connections = list(connections)
+    gone = [connection.goAway() for connection in connections]
+    if not gone:
+        return defer.succeed(None)
+
+    def abortTheRest() -> None:
+        for connection, went in zip(connections, gone, strict=True):
+            if not went.called:
+                connection.abort()
+
+    deadline = clock.callLater(timeout, abortTheRest)
+    everyone = defer.DeferredList(gone, consumeErrors=True)
+
+    def done(_: object) -> None:
+        if deadline.active():
+            deadline.cancel()
+
+    return everyone.addCallback(done)

@@ -11,45 +11,167 @@ Wire protocol (see also :mod:`wschat.wire` and the README):
   daemon's ``--format``. In ``prefixed`` format a binary message is refused with close 1003.
 - Messages from one sender are relayed in the order sent, and every client sees one and the
   same order, because one reactor thread relays each message to all before the next.
+- With ``--redis`` the room spans daemons (:mod:`wschat.bus`); a message the bus cannot relay
+  gets its sender a text notice ``wschat: <reason>`` instead, and the connection stays open.
+- A handshake whose ``Origin`` is neither the daemon's own nor allowed gets HTTP 403 (see
+  :mod:`wschat.handshake`); one arriving while the daemon stops gets 503.
+- Limits (:mod:`wschat.limits`, README "Limits and hostile input"): a client whose unsent
+  backlog passes ``--max-queue`` is closed with 1008; one sending faster than ``--rate-limit``
+  is closed with 1008; a message over ``--max-message-size`` gets 1009, invalid UTF-8 1007,
+  a protocol error 1002. A handshake past ``--max-connections`` gets HTTP 503, past
+  ``--max-connections-per-ip`` HTTP 429.
+- When the daemon stops, every connection is closed with 1001 (going away).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from autobahn.exception import Disconnected
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
-from autobahn.websocket.types import ConnectionRequest
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, ISSLTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from wschat import fastwrite, lean
-from wschat.closing import UNSUPPORTED_DATA, closeWith
+from wschat.bus import Bus, LocalBus
+from wschat.closing import (
+    GOING_AWAY,
+    POLICY_VIOLATION,
+    UNSUPPORTED_DATA,
+    closeAll,
+    closeWith,
+)
+from wschat.handshake import OriginPolicy, forwardedClient, senderAddress
+from wschat.limits import ConnectionCounter, Limits, TokenBucket, hostKey
 from wschat.metrics import Metrics
 from wschat.room import Room
-from wschat.wire import JSON_SUBPROTOCOL, Format, Message, formatAddress, jsonWelcome
+from wschat.wire import (
+    JSON_SUBPROTOCOL,
+    Format,
+    Message,
+    jsonNotice,
+    jsonWelcome,
+)
 
 DEFAULT_WELCOME = "Welcome to chat! Type a message"
 
+#: HTTP status for a handshake past ``--max-connections-per-ip``.
+HTTP_TOO_MANY_REQUESTS = 429
 
+
+@implementer(IPushProducer)
 # (mypy compares Autobahn's own base classes once there are two bases: not ours to fix.)
 class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # type: ignore[misc]
-    """One client connection: hands what it receives to the room, and delivers the room's frames."""
+    """
+    One client connection: hands what it receives to the room, and delivers the room's frames.
+
+    It is its transport's streaming producer: the transport pauses it when its write buffer
+    is full and resumes it when the buffer has drained. While paused, deliveries still go
+    to the transport but are counted; past ``--max-queue`` bytes the client is closed.
+    """
 
     _log = Logger()
     factory: ChatServerFactory
     address = ""
     #: What this connection receives: the room's format, or JSON if it asked for it.
     format = Format.PREFIXED
+    _goneWaiters: tuple[Deferred[None], ...] = ()
+
+    # The transport's write buffer is full; bytes handed to it since it filled.
+    _paused = False
+    _unsent = 0
+    _maxQueue = Limits().maxQueue
+    # Per-connection message rate limit, when there is one.
+    _bucket: TokenBucket | None = None
+    # What this connection counts as in the per-address limit, once counted.
+    _hostKey: str | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        limits = self.factory.limits
+        self._maxQueue = limits.maxQueue
+        if limits.rateLimit:
+            self._bucket = TokenBucket(
+                limits.rateLimit, limits.rateBurst, self.factory.reactor.seconds
+            )
+        # Every Twisted stream transport (TCP, UNIX, TLS) is also a consumer.
+        cast(IConsumer, self.transport).registerProducer(self, True)
+
+    # -- IPushProducer: the transport's flow control
+
+    def pauseProducing(self) -> None:
+        # Called on every write while the buffer stays full, so it must not reset the count.
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._unsent = 0
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _tooSlow(self) -> None:
+        self._log.info(
+            "Closing {peer}: more than {limit} bytes waiting to be sent",
+            peer=self.address,
+            limit=self._maxQueue,
+        )
+        self.factory.metrics.clientDropped()
+        closeWith(
+            self, POLICY_VIOLATION, f"too slow: more than {self._maxQueue} bytes waiting to be sent"
+        )
+
+    # -- the WebSocket connection
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        # The dead transport still holds what it could not send (up to --max-queue and its
+        # own 64 KiB). Autobahn's is_closed Deferred keeps this protocol in a reference
+        # cycle that only a full garbage collection frees, so let go of the transport now.
+        self.transport = None
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         assert self.transport is not None
-        self.address = formatAddress(self.transport.getPeer())
+        factory = self.factory
+        if factory.shuttingDown:
+            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "server shutting down")
+        headers = request.headers
+        secure = ISSLTransport.providedBy(self.transport)
+        if not factory.origins.allows(request.origin, headers.get("host"), secure):
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, f"origin {request.origin} not allowed")
+        peer = self.transport.getPeer()
+        forwardedFor = headers.get("x-forwarded-for")
+        self.address = senderAddress(peer, forwardedFor, factory.trustedHops)
+        self._admit(forwardedClient(forwardedFor, factory.trustedHops) or peer)
         if JSON_SUBPROTOCOL in request.protocols:
             self.format = Format.JSON
             return JSON_SUBPROTOCOL
-        self.format = self.factory.room.format
+        self.format = factory.room.format
         return None
+
+    def _admit(self, client: Any) -> None:
+        """
+        Count this connection against ``--max-connections-per-ip``, or refuse it.
+        """
+        counter = self.factory.connectionsPerHost
+        if not counter.limit:
+            return
+        key = hostKey(client)
+        if key is None:
+            return
+        if not counter.acquire(key):
+            raise ConnectionDeny(
+                HTTP_TOO_MANY_REQUESTS,
+                f"Too Many Requests: over {counter.limit} connections from {key}",
+            )
+        self._hostKey = key
 
     def onOpen(self) -> None:
         factory = self.factory
@@ -63,19 +185,47 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         factory.room.announce("join", self.address, exclude=self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.state != WebSocketProtocol.STATE_OPEN:
+            # We are closing this connection (refused, too slow): relay nothing more from it.
+            return
         factory = self.factory
         factory.metrics.messageReceived()
+        bucket = self._bucket
+        if bucket is not None and not bucket.take():
+            self._log.info("Closing {peer}: rate limit exceeded", peer=self.address)
+            factory.metrics.messageRefused("rate limit")
+            closeWith(
+                self,
+                POLICY_VIOLATION,
+                f"rate limit exceeded: over {bucket.rate:g} messages/s (burst {bucket.burst})",
+            )
+            return
         if isBinary and factory.room.format is Format.PREFIXED:
+            factory.metrics.messageRefused("binary")
             closeWith(self, UNSUPPORTED_DATA, "binary messages are not accepted; send text")
             return
         if factory.logMessages:
             self._logMessage(payload, isBinary)
-        factory.room.broadcast(Message(self.address, payload, isBinary))
+        factory.bus.publish(Message(self.address, payload, isBinary), self)
+
+    def onPing(self, payload: bytes) -> None:
+        # A client that sends pings but reads nothing must not grow its queue of pongs.
+        if self._paused:
+            self._unsent += len(payload) + 2
+            if self._unsent > self._maxQueue:
+                self._tooSlow()
+                return
+        super().onPing(payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if self.factory.room.leave(self):
-            self.factory.metrics.connectionClosed(code)
-            self.factory.room.announce("leave", self.address)
+        factory = self.factory
+        if factory.room.leave(self):
+            factory.metrics.connectionClosed(code)
+            factory.room.announce("leave", self.address)
+        if self._hostKey is not None:
+            factory.connectionsPerHost.release(self._hostKey)
+            self._hostKey = None
+        self._fireGone()
         if self.address:
             self._log.info(
                 "Connection from {peer} closed: code {code} {reason}",
@@ -89,10 +239,50 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         # sendPreparedMessage does not check the state itself: a frame written after our
         # close frame would break the closing handshake.
         if self.state == WebSocketProtocol.STATE_OPEN:
+            # The hot path: one attribute test while the client keeps up.
+            if self._paused:
+                self._unsent += len(frame.payloadHybi)
+                if self._unsent > self._maxQueue:
+                    self._tooSlow()
+                    return
             try:
                 self.sendPreparedFast(frame)
             except Disconnected:
                 pass
+
+    def refused(self, reason: str) -> None:
+        """
+        Tell this client the bus did not relay its message: the text ``wschat: <reason>``,
+        or a JSON ``notice`` object.
+        """
+        factory = self.factory
+        factory.metrics.messageRefused("relay unavailable")
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            if self.format is Format.JSON:
+                self.sendMessage(jsonNotice(reason, factory.reactor.seconds()))
+            else:
+                self.sendMessage(b"wschat: " + reason.encode("utf-8"))
+
+    def goAway(self) -> Deferred[None]:
+        """
+        Close with 1001 going away (the daemon is stopping); fires once the connection is gone.
+        """
+        gone: Deferred[None] = Deferred()
+        self._goneWaiters += (gone,)
+        closeWith(self, GOING_AWAY, "server shutting down")
+        return gone
+
+    def abort(self) -> None:
+        """Drop the connection at the TCP level, without waiting for any handshake."""
+        if self.transport is not None:
+            # TCP, TLS and UNIX transports all abort; anything else can only be asked to close.
+            abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
+            abort()
+
+    def _fireGone(self) -> None:
+        waiters, self._goneWaiters = self._goneWaiters, ()
+        for gone in waiters:
+            gone.callback(None)
 
     def _logMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
@@ -119,14 +309,53 @@ class ChatServerFactory(WebSocketServerFactory):
         welcome: str = DEFAULT_WELCOME,
         logMessages: bool = True,
         metrics: Metrics | None = None,
+        origins: OriginPolicy | None = None,
+        trustedHops: int = 0,
+        limits: Limits | None = None,
+        compression: bool = False,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("server", "wschat")
         super().__init__(**kwargs)
+        self.limits = limits = limits or Limits()
+        self.connectionsPerHost = ConnectionCounter(limits.maxConnectionsPerIp)
+        self.setProtocolOptions(
+            maxFramePayloadSize=limits.maxMessageSize,
+            maxMessagePayloadSize=limits.maxMessageSize,
+            autoPingInterval=limits.pingInterval,
+            autoPingTimeout=limits.pingTimeout,
+            openHandshakeTimeout=limits.handshakeTimeout,
+            maxConnections=limits.maxConnections,
+            # Protocol errors get a close frame with their code (1002, 1007, 1009) and reason,
+            # and the messages before the bad frame still go out, instead of a bare TCP drop.
+            failByDrop=False,
+            # No Autobahn status page for a request without Upgrade (those go to the web site
+            # anyway), nor its ?redirect=URL, which redirects anywhere.
+            webStatus=False,
+            perMessageCompressionAccept=acceptDeflate if compression else None,
+            # Autobahn's own origin check cannot compare with the Host header and answers 400;
+            # it lets every origin through and onConnect applies ``origins`` with a 403.
+            allowedOrigins=["*"],
+            allowNullOrigin=True,
+        )
         self.metrics = metrics if metrics is not None else Metrics()
         self.room = Room(self.prepareMessage, fmt, metrics=self.metrics, now=self.reactor.seconds)
+        # Where received messages go: this room, or (--redis) every daemon's room.
+        self.bus: Bus = LocalBus(self.room)
         self.welcome = welcome.encode("utf-8")
         self.logMessages = logMessages
+        self.origins = origins if origins is not None else OriginPolicy()
+        self.trustedHops = trustedHops
+        self.shuttingDown = False
+
+    def shutDown(self, timeout: float, clock: IReactorTime) -> Deferred[None]:
+        """
+        Refuse new handshakes (503), close every open connection with 1001, and fire once all
+        are gone; connections still there after ``timeout`` seconds are dropped.
+        """
+        self.shuttingDown = True
+        members = [m for m in self.room if isinstance(m, ChatServerProtocol)]
+        return closeAll(members, timeout, clock)
 
     def buildProtocol(self, addr: Any) -> Any:
         # Options as class attributes, not copied onto every connection: see wschat.lean.
@@ -143,3 +372,13 @@ class ChatServerFactory(WebSocketServerFactory):
             text = self.welcome.decode("utf-8")
             return jsonWelcome(connection.address, len(self.room), text, self.reactor.seconds())
         return self.welcome
+
+
+def acceptDeflate(offers: list[Any]) -> PerMessageDeflateOfferAccept | None:
+    """
+    Accept the client's first permessage-deflate offer, as the client made it.
+    """
+    for offer in offers:
+        if isinstance(offer, PerMessageDeflateOffer):
+            return PerMessageDeflateOfferAccept(offer)
+    return None

@@ -81,12 +81,14 @@ class Room:
                 return True
         return False
 
-    def broadcast(self, message: Message) -> None:
+    def broadcast(self, message: Message, when: float | None = None) -> None:
         """
-        Relay ``message`` to every member, its sender included.
+        Relay ``message`` to every member, its sender included; JSON members see it stamped
+        with ``when`` (now, unless given).
         """
         frames = size = 0
-        when = self._now()
+        if when is None:
+            when = self._now()
         # Snapshots: a delivery may make a member leave (a slow reader dropped).
         for fmt, group in tuple(self._groups.items()):
             if fmt is Format.JSON:

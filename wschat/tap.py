@@ -4,18 +4,30 @@ Options and service wiring for ``twistd wschat``: parse the command line, build 
 
 from __future__ import annotations
 
+import math
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service, strports
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
-from wschat.limits import freezeStartupObjects, raiseFileLimit, withBacklog
+from wschat.bus import DEFAULT_CHANNEL, RedisBus, parseChannel, parseRedisURL
+from wschat.dispatch import DispatchFactory
+from wschat.handshake import OriginPolicy
+from wschat.limits import Limits, parseSize
 from wschat.protocol import DEFAULT_WELCOME, ChatServerFactory
+from wschat.tuning import freezeStartupObjects, raiseFileLimit, withBacklog
 from wschat.web import makeMetricsSite, makeSite
 from wschat.wire import Format
 
@@ -27,11 +39,126 @@ def portDescription(port: int, interface: str) -> str:
     return f"tcp:{port}:interface={endpoints.quoteStringArgument(interface)}"
 
 
-def _port(value: str) -> int:
-    port = int(value)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{port} is not a TCP port number (0-65535)")
-    return port
+def _bounded(
+    convert: Callable[[str], float], low: float, what: str, high: float = math.inf
+) -> Callable[[str], Any]:
+    """A validator: ``convert`` the text and check ``low <= value <= high`` (refuses nan)."""
+
+    def validate(value: str) -> Any:
+        number = convert(value)
+        if not low <= number <= high:
+            raise ValueError(f"{value!r} must be {what}")
+        return number
+
+    return validate
+
+
+_port = _bounded(int, 0, "a TCP port number (0-65535)", 65535)
+_byteSize = _bounded(parseSize, 1, "at least 1 byte")
+_positiveSeconds = _bounded(float, math.ulp(0), "a number of seconds above 0", math.inf)
+_secondsOrOff = _bounded(float, 0, "a number of seconds, 0 or more", math.inf)
+_messageRate = _bounded(float, 0, "a number of messages per second, 0 or more", sys.float_info.max)
+_limitOrOff = _bounded(int, 0, "a whole number, 0 or more")
+_positiveCount = _bounded(int, 1, "a whole number, 1 or more")
+
+
+def _endpoint(option: str, description: str) -> str:
+    """Check that ``description`` is a server endpoint description (it is parsed, not used)."""
+    from twisted.internet import reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except Exception as e:
+        raise usage.UsageError(f"{option} {description!r}: {e}") from e
+    return description
+
+
+_defaults = Limits()
+
+#: Resource limits (README: "Limits and hostile input"); each becomes a field of Limits.
+LIMIT_PARAMETERS: list[list[Any]] = [
+    [
+        "max-queue",
+        None,
+        _defaults.maxQueue,
+        "Bytes (64K, 1M...) a client may have waiting to be sent once its connection's "
+        "buffer is full; past it the client is closed (1008) and dropped.",
+        _byteSize,
+    ],
+    [
+        "max-message-size",
+        None,
+        _defaults.maxMessageSize,
+        "Largest frame or message (after decompression) a client may send; "
+        "larger ones close the connection with 1009.",
+        _byteSize,
+    ],
+    [
+        "ping-interval",
+        None,
+        _defaults.pingInterval,
+        "Seconds between pings to each client (0: no pings).",
+        _secondsOrOff,
+    ],
+    [
+        "ping-timeout",
+        None,
+        _defaults.pingTimeout,
+        "Seconds to wait for a pong before dropping the client.",
+        _positiveSeconds,
+    ],
+    [
+        "handshake-timeout",
+        None,
+        _defaults.handshakeTimeout,
+        "Seconds a client has to finish the opening handshake.",
+        _positiveSeconds,
+    ],
+    [
+        "rate-limit",
+        None,
+        _defaults.rateLimit,
+        "Messages per second each client may send on average (0: unlimited); "
+        "past it the client is closed (1008).",
+        _messageRate,
+    ],
+    [
+        "rate-burst",
+        None,
+        _defaults.rateBurst,
+        "Messages a client may send at once before --rate-limit applies.",
+        _positiveCount,
+    ],
+    [
+        "max-connections",
+        None,
+        _defaults.maxConnections,
+        "Connections in all (0: unlimited); past it handshakes get HTTP 503.",
+        _limitOrOff,
+    ],
+    [
+        "max-connections-per-ip",
+        None,
+        _defaults.maxConnectionsPerIp,
+        "Connections from one IP address or IPv6 /64 (0: unlimited); past it HTTP 429.",
+        _limitOrOff,
+    ],
+]
+
+
+def limitsFromOptions(options: usage.Options) -> Limits:
+    """The :class:`Limits` the command line asked for."""
+    return Limits(
+        maxQueue=options["max-queue"],
+        maxMessageSize=options["max-message-size"],
+        pingInterval=options["ping-interval"],
+        pingTimeout=options["ping-timeout"],
+        handshakeTimeout=options["handshake-timeout"],
+        rateLimit=options["rate-limit"],
+        rateBurst=options["rate-burst"],
+        maxConnections=options["max-connections"],
+        maxConnectionsPerIp=options["max-connections-per-ip"],
+    )
 
 
 class Options(usage.Options):
@@ -52,16 +179,47 @@ class Options(usage.Options):
             "'prefixed': relay text as '<ip>:<port>: <text>', refuse binary (1003); "
             "'raw': relay every message, text or binary, unchanged.",
         ],
+        [
+            "redis",
+            None,
+            None,
+            "Share one room with every daemon on the same Redis channel: "
+            "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]. Default: this daemon alone.",
+            parseRedisURL,
+        ],
+        ["channel", None, DEFAULT_CHANNEL, "Redis pub/sub channel of the room.", parseChannel],
+        [
+            "trust-forwarded-for",
+            None,
+            0,
+            "Behind N trusted proxies, take the sender from the Nth-last X-Forwarded-For "
+            "entry (0: ignore the header).",
+            _limitOrOff,
+        ],
+        [
+            "shutdown-timeout",
+            None,
+            5.0,
+            "Seconds to wait on stop for clients to finish the close handshake (1001).",
+            _secondsOrOff,
+        ],
     ]
+    optParameters += LIMIT_PARAMETERS
     optFlags: list[list[str | None]] = [
         ["no-message-log", None, "Do not log message bodies (privacy, speed)."],
         ["no-metrics", None, "Do not serve Prometheus metrics at /metrics."],
+        [
+            "compression",
+            None,
+            "Offer permessage-deflate compression (costs CPU and memory per client).",
+        ],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
         self["metrics-listen"] = None
+        self["allowed-origin"] = []
 
     def opt_listen(self, description: str) -> None:
         """
@@ -70,25 +228,23 @@ class Options(usage.Options):
         ssl:2443:privateKey=key.pem:certKey=cert.pem).
         Repeatable; replaces --port and --interface.
         """
-        from twisted.internet import reactor
+        self["listen"].append(_endpoint("--listen", description))
 
+    def opt_allowed_origin(self, origin: str) -> None:
+        """Let in pages from ORIGIN too (https://host[:port]; '*' all; 'null'). Repeatable."""
+        # By default only the daemon's own origin, and clients that send no Origin, get in.
         try:
-            endpoints.serverFromString(reactor, description)
-        except Exception as e:
-            raise usage.UsageError(f"--listen {description!r}: {e}") from e
-        self["listen"].append(description)
+            OriginPolicy.fromList([origin])
+        except ValueError as e:
+            raise usage.UsageError(f"--allowed-origin: {e}") from None
+        self["allowed-origin"].append(origin)
 
     def opt_metrics_listen(self, description: str) -> None:
         """Serve /metrics on this endpoint, not the chat port (tcp:9100:interface=127.0.0.1)."""
-        from twisted.internet import reactor
-
-        try:
-            endpoints.serverFromString(reactor, description)
-        except Exception as e:
-            raise usage.UsageError(f"--metrics-listen {description!r}: {e}") from e
-        self["metrics-listen"] = description
+        self["metrics-listen"] = _endpoint("--metrics-listen", description)
 
     def postOptions(self) -> None:
+        self["origins"] = OriginPolicy.fromList(self["allowed-origin"])
         if self["no-metrics"] and self["metrics-listen"] is not None:
             raise usage.UsageError("--no-metrics and --metrics-listen contradict each other")
         # JSON is not a daemon's format: each client asks for it (subprotocol wschat.json).
@@ -137,6 +293,10 @@ def makeFactory(options: Options) -> ChatServerFactory:
         fmt=options["format"],
         welcome=options["welcome"],
         logMessages=not options["no-message-log"],
+        origins=options["origins"],
+        trustedHops=options["trust-forwarded-for"],
+        limits=limitsFromOptions(options),
+        compression=options["compression"],
     )
 
 
@@ -147,19 +307,28 @@ class ChatService(service.MultiService):
     when ``metricsListen`` is given.
     """
 
+    _log = Logger()
+
     def __init__(
         self,
         factory: ChatServerFactory,
         descriptions: list[str],
         metricsListen: str | None = None,
         metrics: bool = True,
+        shutdownTimeout: float = 5.0,
+        clock: IReactorTime | None = None,
     ) -> None:
         super().__init__()
         self.factory = factory
         self.site = makeSite(factory, self.accepting, metrics and metricsListen is None)
+        self.shutdownTimeout = shutdownTimeout
+        #: Times the shutdown bound; the reactor unless a test gives a Clock.
+        self.clock = clock
         self.endpoints: list[LoggingEndpoint] = []
+        # One port serves both: each connection goes to the room or the site by its first request.
+        chat = DispatchFactory(factory, self.site, factory.reactor)
         for description in descriptions:
-            self.endpoints.append(self._listen(description, self.site))
+            self.endpoints.append(self._listen(description, chat))
         self.metricsEndpoint: LoggingEndpoint | None = None
         if metrics and metricsListen is not None:
             metricsSite = makeMetricsSite(factory, self.accepting)
@@ -183,14 +352,41 @@ class ChatService(service.MultiService):
         """The ports listened on, once the service has started."""
         return [e.port for e in self.endpoints if e.port is not None]
 
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop listening first, so no one new arrives; then close every client with 1001 and
+        wait for the close handshakes, at most ``shutdownTimeout`` seconds.
+        """
+        clock = self.clock
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        assert clock is not None
+
+        def closeClients(_: object) -> Deferred[None]:
+            self._log.info(
+                "Stopped listening; closing {count} connections (1001 going away), "
+                "waiting up to {timeout} s",
+                count=len(self.factory.room),
+                timeout=self.shutdownTimeout,
+            )
+            return self.factory.shutDown(self.shutdownTimeout, clock)
+
+        return maybeDeferred(super().stopService).addCallback(closeClients)
+
 
 def makeService(options: Options) -> ChatService:
     raiseFileLimit()
+    factory = makeFactory(options)
     chat = ChatService(
-        makeFactory(options),
+        factory,
         options["listen"],
         metricsListen=options["metrics-listen"],
         metrics=not options["no-metrics"],
+        shutdownTimeout=options["shutdown-timeout"],
     )
+    if options["redis"] is not None:
+        bus = RedisBus(factory.room, options["redis"], options["channel"])
+        factory.bus = bus
+        bus.setServiceParent(chat)
     freezeStartupObjects()
     return chat

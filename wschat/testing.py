@@ -5,18 +5,26 @@ Test doubles and loopback helpers, shipped so that users' tests and ours share t
 - :func:`connect` opens a real WebSocket client over loopback that queues what it receives.
 - :func:`spawn` runs a real command (`twistd`, the client) whose output a test waits on.
 - :class:`MemoryRoom` is a server factory on a fake clock with in-memory clients.
+- :class:`RawClient`, :func:`rawConnect` and :func:`rawExchange` send bytes by hand over TCP.
 - :func:`memoryConnection` joins a server and a client protocol through in-memory transports,
   for protocol logic driven by a :class:`~twisted.internet.testing.MemoryReactorClock`.
+- :func:`makeTLSFiles` writes a throwaway CA and a server certificate it signed, for ``wss://``.
+- :func:`spawnTwistd` runs ``twistd -n wschat`` as a child process; :func:`listeningPort` finds
+  the port it took.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import re
 import shutil
 import socket
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from autobahn.twisted.websocket import (
@@ -24,9 +32,13 @@ from autobahn.twisted.websocket import (
     WebSocketClientProtocol,
     connectWS,
 )
-from twisted.internet import defer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet import defer, endpoints
 from twisted.internet.address import IPv4Address
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -77,6 +89,11 @@ class QueueClientFactory(WebSocketClientFactory):
         super().__init__(*args, **kwargs)
         self.opened: defer.Deferred[QueueClientProtocol] = defer.Deferred()
 
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        # Refused or unreachable: fail the caller's await rather than leave it hanging.
+        if not self.opened.called:
+            self.opened.errback(reason)
+
 
 def connect(
     url: str, contextFactory: Any = None, **factoryOptions: Any
@@ -109,12 +126,102 @@ def startDaemon(args: Sequence[str] = ()) -> tuple[ChatService, str]:
     if len(service.ports) != len(service.endpoints):
         raise RuntimeError(f"the daemon did not listen on every endpoint of {args}")
     url = ""
-    for port in service.ports:
-        host = port.getHost()
+    for endpoint in service.endpoints:
+        host = endpoint.port.getHost() if endpoint.port is not None else None
         if isinstance(host, IPv4Address):
-            url = f"ws://{host.host}:{host.port}"
+            scheme = "wss" if endpoint.description.startswith("ssl:") else "ws"
+            url = f"{scheme}://{host.host}:{host.port}"
             break
     return service, url
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for a TLS test: a CA certificate, and a server key and certificate it signed."""
+
+    ca: Path
+    key: Path
+    cert: Path
+
+    def listen(self, port: int = 0, interface: str = "127.0.0.1") -> str:
+        """A ``--listen`` description serving TLS with these files."""
+        quote = endpoints.quoteStringArgument
+        return (
+            f"ssl:{port}:interface={quote(interface)}"
+            f":privateKey={quote(str(self.key))}:certKey={quote(str(self.cert))}"
+        )
+
+
+def makeTLSFiles(
+    directory: Path,
+    names: Sequence[str] = ("localhost",),
+    addresses: Sequence[str] = ("127.0.0.1", "::1"),
+) -> TLSFiles:
+    """
+    Write a new CA and a server certificate for ``names`` and ``addresses``, signed by it, into
+    ``directory`` (``ca.pem``, ``key.pem``, ``cert.pem``). Valid from yesterday to tomorrow.
+    """
+    now = datetime.datetime.now(datetime.UTC)
+    valid = (now - datetime.timedelta(days=1), now + datetime.timedelta(days=1))
+    caKey = ec.generate_private_key(ec.SECP256R1())
+    caName = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "wschat test CA")])
+    caCert = (
+        x509.CertificateBuilder()
+        .subject_name(caName)
+        .issuer_name(caName)
+        .public_key(caKey.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(caKey.public_key()), False)
+        .sign(caKey, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    alternatives: list[x509.GeneralName] = [x509.DNSName(name) for name in names]
+    alternatives += [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
+    subject = names[0] if names else addresses[0]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(caName)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(caKey.public_key()), False
+        )
+        .sign(caKey, hashes.SHA256())
+    )
+    files = TLSFiles(directory / "ca.pem", directory / "key.pem", directory / "cert.pem")
+    files.ca.write_bytes(caCert.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return files
 
 
 def memoryConnection(
@@ -155,7 +262,15 @@ class ProcessWatcher(ProcessProtocol):
         self.lines: dict[str, list[str]] = {"out": [], "err": []}
         self._partial = {"out": b"", "err": b""}
         self._waiters: list[tuple[re.Pattern[str], str, int, defer.Deferred[re.Match[str]]]] = []
+        #: Fires with the exit code (None when a signal ended the process).
         self.ended: defer.Deferred[int | None] = defer.Deferred()
+        #: Why it ended: ProcessDone, or ProcessTerminated with its exitCode and signal.
+        self.endReason: BaseException | None = None
+
+    @property
+    def output(self) -> str:
+        """Everything it wrote so far, standard output then standard error."""
+        return "\n".join(self.lines["out"] + self.lines["err"])
 
     def outReceived(self, data: bytes) -> None:
         self._received("out", data)
@@ -205,8 +320,14 @@ class ProcessWatcher(ProcessProtocol):
         self.transport.closeStdin()
 
     def signal(self, name: str) -> None:
-        assert self.transport is not None
-        self.transport.signalProcess(name)
+        """Send the signal ``name`` (``TERM``, ``INT``, ``KILL``) unless it has exited."""
+        if not self.ended.called and self.transport is not None:
+            self.transport.signalProcess(name)
+
+    async def kill(self) -> None:
+        """Make sure it is gone (test clean-up)."""
+        self.signal("KILL")
+        await self.ended
 
     def processEnded(self, reason: Failure) -> None:
         for stream, rest in self._partial.items():
@@ -215,6 +336,7 @@ class ProcessWatcher(ProcessProtocol):
         waiters, self._waiters = self._waiters, []
         for pattern, _, _, d in waiters:
             d.errback(AssertionError(f"process ended before printing {pattern.pattern!r}"))
+        self.endReason = reason.value
         self.ended.callback(getattr(reason.value, "exitCode", None))
 
 
@@ -286,3 +408,67 @@ def received(client: QueueClientProtocol) -> list[tuple[bytes, bool]]:
     items = list(client.messages.pending)
     client.messages.pending.clear()
     return items
+
+
+#: What ``twistd -n wschat`` logs once it listens; group 1 is the port.
+LISTENING = r"wschat listening on IPv[46]Address\(.*?port=(\d+)\)"
+
+
+def spawnTwistd(args: Sequence[str], cwd: str) -> ProcessWatcher:
+    """
+    Start ``twistd -n --pidfile= wschat ARGS`` (the twistd installed next to this Python) in
+    the folder ``cwd``; ``await listeningPort(child)`` for its port.
+    """
+    return spawn(["twistd", "-n", "--pidfile=", "wschat", *args], cwd=cwd)
+
+
+async def listeningPort(child: ProcessWatcher) -> int:
+    """The first TCP port a ``twistd wschat`` child says it listens on."""
+    return int((await child.waitFor(LISTENING)).group(1))
+
+
+class RawClient(Protocol):
+    """
+    A TCP client that writes bytes by hand (what no well-behaved client would send) and keeps
+    everything it receives; ``lost`` fires with all of it when the connection closes.
+
+    With ``read=False`` it never reads: the smallest receive window, and reading paused.
+    """
+
+    def __init__(self, data: bytes = b"", read: bool = True) -> None:
+        self.data = data
+        self.read = read
+        self.received = b""
+        self.lost: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        if not self.read:
+            self.transport.getHandle().setsockopt(  # type: ignore[attr-defined]
+                socket.SOL_SOCKET, socket.SO_RCVBUF, 1
+            )
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        if self.data:
+            self.transport.write(self.data)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.lost.callback(self.received)
+
+
+async def rawConnect(url: str, client: RawClient) -> RawClient:
+    """Connect ``client`` over TCP to the host and port of ``url`` (``ws://host:port``)."""
+    from twisted.internet import reactor
+
+    host, port = url.split("//", 1)[-1].rstrip("/").rsplit(":", 1)
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, host.strip("[]"), int(port))
+    await endpoints.connectProtocol(endpoint, client)
+    return client
+
+
+async def rawExchange(url: str, data: bytes) -> bytes:
+    """Send ``data`` by hand; everything the daemon sent back until it closed."""
+    client = await rawConnect(url, RawClient(data))
+    return await client.lost

@@ -1,6 +1,7 @@
 """
 The daemon's HTTP side: one Twisted web site per daemon that serves the chat page, ``/healthz``
-and ``/metrics``, and hands every WebSocket handshake, on any path, to the room.
+and ``/metrics``. WebSocket handshakes, on any path, go to the room before they get here
+(:mod:`wschat.dispatch`).
 
 Resources on the chat port::
 
@@ -17,16 +18,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from importlib.resources import files
-from typing import Any, cast
+from typing import cast
 
-from autobahn.twisted.resource import WebSocketResource
 from prometheus_client.twisted import MetricsResource
-from twisted.internet.interfaces import IConsumer
 from twisted.web import http
 from twisted.web.iweb import IRequest
 from twisted.web.pages import errorPage, notFound
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Site
 
 from wschat.protocol import ChatServerFactory
 
@@ -44,36 +43,11 @@ CONTENT_SECURITY_POLICY = (
     b"img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 
+#: Seconds an idle HTTP connection (keep-alive between page loads) is kept.
+HTTP_IDLE_TIMEOUT = 60
+
 #: Paths polled by machines, left out of the access log.
 QUIET_PATHS = frozenset({b"/healthz", b"/metrics"})
-
-
-def isWebSocketUpgrade(request: IRequest) -> bool:
-    """
-    Whether ``request`` asks to upgrade to WebSocket (``Upgrade: websocket``, any case).
-    """
-    upgrade = request.getHeader(b"upgrade")
-    if upgrade is None:
-        return False
-    return any(token.strip() == b"websocket" for token in upgrade.lower().split(b","))
-
-
-class ChatWebSocketResource(WebSocketResource):
-    """
-    Autobahn's :class:`WebSocketResource`, which takes the connection over from Twisted web,
-    and then frees the transport's producer slot that the HTTP channel still holds, so that the
-    WebSocket protocol (for flow control) may register a producer of its own.
-    """
-
-    def render(self, request: Request) -> Any:
-        transport = request.channel.transport
-        result = super().render(request)
-        if transport is not None and request.channel.transport is None:
-            # Taken over: the HTTP channel will never see this transport again.
-            consumer = IConsumer(transport, None)
-            if consumer is not None:
-                consumer.unregisterProducer()
-        return result
 
 
 class Root(Resource):
@@ -81,22 +55,6 @@ class Root(Resource):
 
     def getChild(self, path: bytes, request: IRequest) -> IResource:
         return notFound()
-
-
-class ChatRoot(Root):
-    """
-    The chat port's root: a WebSocket handshake on any path reaches the room (as it did before
-    the daemon served HTTP); everything else is looked up among the children.
-    """
-
-    def __init__(self, websocket: IResource) -> None:
-        super().__init__()
-        self._websocket = websocket
-
-    def getChildWithDefault(self, path: bytes, request: IRequest) -> IResource:
-        if isWebSocketUpgrade(request):
-            return self._websocket
-        return super().getChildWithDefault(path, request)
 
 
 class ReadOnly(Resource):
@@ -180,15 +138,16 @@ def makeSite(
     metrics: bool = True,
 ) -> ChatSite:
     """
-    The site for the chat port: page, health, metrics (when ``metrics``), and the room.
+    The site for the chat port: page, health, metrics (when ``metrics``). WebSocket
+    handshakes never reach it: :mod:`wschat.dispatch` sends them to the room first.
     """
-    root = ChatRoot(ChatWebSocketResource(factory))
+    root = Root()
     for name, path, mediaType in ASSETS:
         root.putChild(path, _asset(name, mediaType))
     root.putChild(b"healthz", HealthResource(accepting, lambda: len(factory.room)))
     if metrics:
         root.putChild(b"metrics", MetricsResource(factory.metrics.registry))
-    return ChatSite(root)
+    return ChatSite(root, timeout=HTTP_IDLE_TIMEOUT)
 
 
 def makeMetricsSite(factory: ChatServerFactory, accepting: Callable[[], bool]) -> ChatSite:
@@ -198,4 +157,4 @@ def makeMetricsSite(factory: ChatServerFactory, accepting: Callable[[], bool]) -
     root = Root()
     root.putChild(b"healthz", HealthResource(accepting, lambda: len(factory.room)))
     root.putChild(b"metrics", MetricsResource(factory.metrics.registry))
-    return ChatSite(root)
+    return ChatSite(root, timeout=HTTP_IDLE_TIMEOUT)

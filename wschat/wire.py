@@ -114,3 +114,10 @@ def jsonPresence(kind: Literal["join", "leave"], who: str, online: int, when: fl
     Someone else joined or left; ``online`` counts the connections after the change.
     """
     return _json({"type": kind, "who": who, "online": online, "time": isoTime(when)})
+
+
+def jsonNotice(text: str, when: float) -> bytes:
+    """
+    The server tells this client alone something, e.g. that its message was not relayed.
+    """
+    return _json({"type": "notice", "text": text, "time": isoTime(when)})

@@ -34,7 +34,7 @@ from wschat.bench.frames import (
     payload,
 )
 from wschat.bench.stats import histogram, processWaitSeconds
-from wschat.limits import raiseFileLimit
+from wschat.tuning import raiseFileLimit
 
 PROGRESS_INTERVAL = 0.25
 

@@ -1,0 +1,153 @@
+"""One port, two protocols: connections go to the room or the web site by their first head."""
+
+from __future__ import annotations
+
+import pytest_twisted
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from wschat.dispatch import LINGER, MAX_HEAD, DispatchFactory, isWebSocketUpgrade
+from wschat.testing import rawExchange
+
+UPGRADE = (
+    b"GET /room HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+PLAIN = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+class Recorder(Protocol):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.received = b""
+        self.lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost = True
+
+
+class RecordingFactory(Factory):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.built: list[Recorder] = []
+        self.openHandshakeTimeout = 10
+
+    def buildProtocol(self, addr: object) -> Recorder:
+        p = Recorder(self.name)
+        self.built.append(p)
+        return p
+
+
+class AbortableTransport(StringTransport):
+    aborted = False
+    halfClosed = False
+
+    def loseWriteConnection(self) -> None:
+        self.halfClosed = True
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+def connection() -> tuple[object, RecordingFactory, RecordingFactory, AbortableTransport, Clock]:
+    clock = Clock()
+    websocket, site = RecordingFactory("websocket"), RecordingFactory("site")
+    dispatcher = DispatchFactory(websocket, site, clock).buildProtocol(
+        IPv4Address("TCP", "127.0.0.1", 1)
+    )
+    transport = AbortableTransport()
+    dispatcher.makeConnection(transport)
+    return dispatcher, websocket, site, transport, clock
+
+
+class IsWebSocketUpgradeTests(SynchronousTestCase):
+    def test_upgrade(self) -> None:
+        """An Upgrade header naming websocket, in any case and among others, is an upgrade."""
+        self.assertTrue(isWebSocketUpgrade(UPGRADE[:-4]))
+        self.assertTrue(isWebSocketUpgrade(b"GET / HTTP/1.1\r\nUPGRADE: h2c, WebSocket"))
+
+    def test_not_upgrade(self) -> None:
+        """No Upgrade header, another protocol, or 'websocket' elsewhere is not an upgrade."""
+        self.assertFalse(isWebSocketUpgrade(PLAIN[:-4]))
+        self.assertFalse(isWebSocketUpgrade(b"GET / HTTP/1.1\r\nUpgrade: h2c"))
+        self.assertFalse(isWebSocketUpgrade(b"GET /websocket HTTP/1.1\r\nX-Upgrade: websocket"))
+        self.assertFalse(isWebSocketUpgrade(b"GET / HTTP/1.1\r\nUpgrade: websockets"))
+
+
+class DispatcherTests(SynchronousTestCase):
+    def test_websocket_gets_every_byte(self) -> None:
+        """A head split over reads, and a frame right behind it, all reach the WebSocket side."""
+        dispatcher, websocket, site, _, _ = connection()
+        dispatcher.dataReceived(UPGRADE[:20])
+        self.assertEqual(websocket.built, [])
+        dispatcher.dataReceived(UPGRADE[20:] + b"\x81\x80frame")
+        dispatcher.dataReceived(b"more")
+        (inner,) = websocket.built
+        self.assertEqual(inner.received, UPGRADE + b"\x81\x80framemore")
+        self.assertEqual(site.built, [])
+
+    def test_plain_http_goes_to_the_site(self) -> None:
+        """A request without Upgrade goes to the web site, with its bytes."""
+        dispatcher, websocket, site, _, _ = connection()
+        dispatcher.dataReceived(PLAIN)
+        self.assertEqual([p.received for p in site.built], [PLAIN])
+        self.assertEqual(websocket.built, [])
+
+    def test_connection_lost_reaches_the_inner_protocol(self) -> None:
+        """When the connection ends, the protocol it was handed to hears of it."""
+        dispatcher, websocket, _, _, _ = connection()
+        dispatcher.dataReceived(UPGRADE)
+        dispatcher.connectionLost(None)
+        self.assertTrue(websocket.built[0].lost)
+
+    def test_slow_head_is_dropped(self) -> None:
+        """A head not complete within the handshake timeout (slowloris) is dropped."""
+        dispatcher, websocket, site, transport, clock = connection()
+        dispatcher.dataReceived(UPGRADE[:30])
+        clock.advance(9.9)
+        self.assertFalse(transport.aborted)
+        clock.advance(0.1)
+        self.assertTrue(transport.aborted)
+
+    def test_oversized_complete_head_is_refused(self) -> None:
+        """A head that arrives whole but is longer than MAX_HEAD is refused too."""
+        dispatcher, websocket, site, transport, _ = connection()
+        dispatcher.dataReceived(b"GET / HTTP/1.1\r\nX: " + b"a" * MAX_HEAD + b"\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "))
+        self.assertEqual((websocket.built, site.built), ([], []))
+        self.assertEqual((websocket.built, site.built), ([], []))
+
+    def test_timely_head_is_not_dropped(self) -> None:
+        """Once the head is in, the dispatcher's timer is gone."""
+        dispatcher, _, _, transport, clock = connection()
+        dispatcher.dataReceived(UPGRADE)
+        clock.advance(60)
+        self.assertFalse(transport.aborted)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_oversized_head_is_refused(self) -> None:
+        """A head that does not end within MAX_HEAD bytes gets 431 and the connection closes."""
+        dispatcher, websocket, site, transport, clock = connection()
+        dispatcher.dataReceived(b"GET / HTTP/1.1\r\nX: " + b"a" * MAX_HEAD)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "))
+        self.assertTrue(transport.halfClosed)
+        dispatcher.dataReceived(b"a" * 1000)
+        self.assertEqual((websocket.built, site.built), ([], []))
+        clock.advance(LINGER)
+        self.assertTrue(transport.aborted)
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_head_gets_an_http_error(daemon):
+    """Over loopback, a request head too big to be one gets an HTTP error, never a hang."""
+    _, url = daemon()
+    response = await rawExchange(
+        url, b"GET / HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD * 2) + b"\r\n\r\n"
+    )
+    assert response.startswith(b"HTTP/1.1 431 "), response[:80]

@@ -1,0 +1,340 @@
+"""Several daemons, one room, through a real redis-server on a free loopback port."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import pytest
+import pytest_twisted
+import txredisapi
+from twisted.logger import globalLogPublisher
+
+from wschat.bus import (
+    REFUSED_DOWN,
+    REFUSED_LOST,
+    REFUSED_NO_ROOM,
+    Envelope,
+    RedisBus,
+    encodeEnvelope,
+    parseRedisURL,
+)
+from wschat.protocol import DEFAULT_WELCOME
+from wschat.room import Room
+from wschat.tap import ChatService
+from wschat.testing import QueueClientProtocol, connect
+from wschat.testing_redis import RedisServer, freePort, waitFor
+from wschat.wire import Message
+
+REFUSAL = f"wschat: {REFUSED_DOWN}"
+
+
+@pytest_twisted.async_yield_fixture
+async def redis() -> AsyncIterator[Callable[..., Coroutine[Any, Any, RedisServer]]]:
+    """``await redis()`` starts a redis-server (no persistence); all are stopped afterwards."""
+    servers: list[RedisServer] = []
+
+    async def start(port: int | None = None, password: str | None = None) -> RedisServer:
+        server = RedisServer(port, password)
+        servers.append(server)
+        await server.start()
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()
+        server.cleanup()
+
+
+@pytest.fixture
+def logged():
+    """Every log event emitted during the test, as formatted text."""
+    from twisted.logger import formatEvent
+
+    events: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        events.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+def bus(service: ChatService) -> RedisBus:
+    b = service.factory.bus
+    assert isinstance(b, RedisBus)
+    return b
+
+
+async def allUp(*services: ChatService) -> None:
+    await waitFor(lambda: all(bus(s).available for s in services))
+
+
+async def opened(url: str, count: int = 1) -> list[QueueClientProtocol]:
+    clients = []
+    for _ in range(count):
+        client = await connect(url)
+        assert await client.nextText() == DEFAULT_WELCOME
+        clients.append(client)
+    return clients
+
+
+async def closeAll(clients: list[QueueClientProtocol]) -> None:
+    for c in clients:
+        c.sendClose(1000)
+        await c.closed
+
+
+def prefix(client: QueueClientProtocol) -> str:
+    return f"127.0.0.1:{client.transport.getHost().port}: "
+
+
+async def redisCommand(server: RedisServer, *args: str | bytes) -> Any:
+    return (await redisCommands(server, args))[0]
+
+
+async def redisCommands(server: RedisServer, *commands: tuple[str | bytes, ...]) -> list[Any]:
+    """Send ``commands`` back to back on one connection; their replies."""
+    connection = await txredisapi.Connection(
+        "127.0.0.1",
+        server.port,
+        reconnect=False,
+        charset=None,
+        convertNumbers=False,
+        password=server.password,
+    )
+    try:
+        sent = [connection.execute_command(*args) for args in commands]
+        return [await reply for reply in sent]
+    finally:
+        await connection.disconnect()
+
+
+def test_redis_server_is_installed():
+    """redis-server is on PATH: without it the Redis tests must fail, not skip."""
+    import shutil
+
+    assert shutil.which("redis-server"), "install it: apt-get install redis-server"
+
+
+@pytest_twisted.ensureDeferred
+async def test_three_daemons_one_room(redis, daemon):
+    """Clients on three daemons all get every message, in one order, each sender's in FIFO."""
+    server = await redis()
+    daemons = [daemon("--redis", server.url, "--no-message-log") for _ in range(3)]
+    services = [s for s, _ in daemons]
+    await allUp(*services)
+    clients = [c for _, url in daemons for c in await opened(url, 2)]
+    perSender = 5
+    for i in range(perSender):
+        for n, c in enumerate(clients):
+            c.sendText(f"m{n}.{i}")
+    total = perSender * len(clients)
+    received = [await c.texts(total) for c in clients]
+
+    order = received[0]
+    for other in received[1:]:
+        assert other == order
+    for n, c in enumerate(clients):
+        mine = [line[len(prefix(c)) :] for line in order if line.startswith(prefix(c))]
+        assert mine == [f"m{n}.{i}" for i in range(perSender)]
+    assert len(set(order)) == total
+    assert sum(bus(s).published for s in services) == total
+    assert [bus(s).received for s in services] == [total] * 3
+    assert [bus(s).refused for s in services] == [0] * 3
+    await closeAll(clients)
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_restarted(redis, daemon, logged):
+    """Redis restarted mid-conversation: senders are told meanwhile, then the room resumes."""
+    server = await redis()
+    (a, urlA), (b, urlB) = daemon("--redis", server.url), daemon("--redis", server.url)
+    await allUp(a, b)
+    ca, cb = await opened(urlA) + await opened(urlB)
+    ca.sendText("before")
+    assert [await ca.nextText(), await cb.nextText()] == [prefix(ca) + "before"] * 2
+
+    await server.stop()
+    await waitFor(lambda: not bus(a).available and not bus(b).available)
+    assert any("Redis link lost" in line for line in logged)
+    cb.sendText("during")
+    assert await cb.nextText() == REFUSAL
+    assert bus(b).refused == 1
+
+    await server.start()
+    await allUp(a, b)
+    assert any("Redis link up" in line and "1 messages refused" in line for line in logged)
+    # The same connections, still open: "during" reached nobody, "after" reaches all.
+    cb.sendText("after")
+    assert [await ca.nextText(), await cb.nextText()] == [prefix(cb) + "after"] * 2
+    assert not ca.closed.called and not cb.closed.called
+    await closeAll([ca, cb])
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_absent_at_start(redis, daemon, logged):
+    """A daemon whose Redis is not up yet serves clients, refuses messages, then joins."""
+    port = freePort()
+    service, url = daemon("--redis", f"redis://127.0.0.1:{port}/0")
+    [client] = await opened(url)
+    client.sendText("too early")
+    assert await client.nextText() == REFUSAL
+    await waitFor(lambda: any("is unreachable" in line for line in logged))
+
+    await redis(port)
+    await allUp(service)
+    client.sendText("now")
+    assert await client.nextText() == prefix(client) + "now"
+    await closeAll([client])
+
+
+@pytest_twisted.ensureDeferred
+async def test_garbage_on_channel(redis, daemon, logged):
+    """Malformed envelopes on the channel are logged and skipped; a valid foreign one is relayed."""
+    server = await redis()
+    (a, urlA), (b, urlB) = daemon("--redis", server.url), daemon("--redis", server.url)
+    await allUp(a, b)
+    ca, cb = await opened(urlA) + await opened(urlB)
+    garbage = [b"garbage", b"", b"\x96\x02\xa1n\xa1s\xc2\xcb", b"\x81\xa1v\x01"]
+    for data in garbage:
+        await redisCommand(server, "PUBLISH", "wschat", data)
+    foreign = Envelope(Message("192.0.2.7:4242", b"from elsewhere"), "other-node", 0.0)
+    await redisCommand(server, "PUBLISH", "wschat", encodeEnvelope(foreign))
+    ca.sendText("still here")
+    for c in (ca, cb):
+        assert await c.texts(2) == ["192.0.2.7:4242: from elsewhere", prefix(ca) + "still here"]
+    assert [bus(s).malformed for s in (a, b)] == [len(garbage)] * 2
+    assert sum("malformed envelope" in line for line in logged) == 2 * len(garbage)
+    await closeAll([ca, cb])
+
+
+@pytest_twisted.ensureDeferred
+async def test_daemon_leaves_and_rejoins(redis, daemon):
+    """A daemon that stops leaves the channel; the room goes on, and a new daemon joins it."""
+    server = await redis()
+    (a, urlA), (b, urlB) = daemon("--redis", server.url), daemon("--redis", server.url)
+    await allUp(a, b)
+    assert await redisCommand(server, "PUBSUB", "NUMSUB", "wschat") == [b"wschat", 2]
+    ca, cb = await opened(urlA) + await opened(urlB)
+    cb.sendText("bye")
+    assert await ca.nextText() == prefix(cb) + "bye"
+    await closeAll([cb])
+
+    await b.stopService()
+    assert await redisCommand(server, "PUBSUB", "NUMSUB", "wschat") == [b"wschat", 1]
+    # Its publishing connection is gone too: only a's two, and the one asking, remain.
+    clients = await redisCommand(server, "CLIENT", "LIST")
+    assert clients.count(b"\n") == 3
+    ca.sendText("alone")
+    assert await ca.nextText() == prefix(ca) + "alone"
+
+    c, urlC = daemon("--redis", server.url)
+    await allUp(c)
+    [cc] = await opened(urlC)
+    cc.sendText("back")
+    assert [await ca.nextText(), await cc.nextText()] == [prefix(cc) + "back"] * 2
+    await closeAll([ca, cc])
+
+
+@pytest_twisted.ensureDeferred
+async def test_password(redis, daemon, logged):
+    """A password in the URL authenticates; a wrong one is logged and never retried blindly."""
+    server = await redis(password="s3cret")
+    good, url = daemon("--redis", f"redis://:s3cret@127.0.0.1:{server.port}/1")
+    bad, _ = daemon("--redis", f"redis://:bad-pw-7f3@127.0.0.1:{server.port}/1")
+    none, _ = daemon("--redis", f"redis://127.0.0.1:{server.port}/1")
+    await allUp(good)
+    [client] = await opened(url)
+    client.sendText("authenticated")
+    assert await client.nextText() == prefix(client) + "authenticated"
+    await waitFor(lambda: sum("refused this daemon" in line for line in logged) == 2)
+    assert any("WRONGPASS" in line for line in logged)
+    assert any("NOAUTH" in line for line in logged)
+    assert not bus(bad).available and not bus(none).available
+    # Given up: neither holds a connection (only good's two and the one asking remain).
+    await waitFor(lambda: bus(bad)._factories == [] and bus(none)._factories == [])
+    assert not any("s3cret" in line or "bad-pw-7f3" in line for line in logged)
+    clients = await redisCommand(server, "CLIENT", "LIST")
+    assert clients.count(b"\n") == 3
+    await closeAll([client])
+
+
+@pytest_twisted.ensureDeferred
+async def test_channels_are_separate_rooms(redis, daemon):
+    """Daemons on different --channel values share a Redis but not a room."""
+    server = await redis()
+    (a, urlA) = daemon("--redis", server.url, "--channel", "one")
+    (b, urlB) = daemon("--redis", server.url, "--channel", "two")
+    await allUp(a, b)
+    ca, cb = await opened(urlA) + await opened(urlB)
+    ca.sendText("in one")
+    cb.sendText("in two")
+    assert await ca.nextText() == prefix(ca) + "in one"
+    assert await cb.nextText() == prefix(cb) + "in two"
+    assert (bus(a).received, bus(b).received) == (1, 1)
+    await closeAll([ca, cb])
+
+
+@pytest_twisted.ensureDeferred
+async def test_publish_lost_in_flight(redis, daemon):
+    """A message whose PUBLISH was cut off by a broken link: its sender hears it may be lost."""
+    server = await redis()
+    service, url = daemon("--redis", server.url)
+    await allUp(service)
+    [client] = await opened(url)
+    await redisCommand(server, "CLIENT", "PAUSE", "10000", "WRITE")
+    client.sendText("held")
+    await waitFor(lambda: bus(service).published == 1)
+    # The daemon's publishing connection, with the PUBLISH Redis holds, is killed.
+    await redisCommands(
+        server, ("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"), ("CLIENT", "UNPAUSE")
+    )
+    assert await client.nextText() == f"wschat: {REFUSED_LOST}"
+    await allUp(service)
+    client.sendText("again")
+    assert await client.nextText() == prefix(client) + "again"
+    assert bus(service).refused == 1
+    await closeAll([client])
+
+
+@pytest_twisted.ensureDeferred
+async def test_publish_reaches_no_daemon(redis, daemon):
+    """A message Redis relayed to no subscriber at all: its sender is told it was not delivered."""
+    server = await redis()
+    service, url = daemon("--redis", server.url)
+    await allUp(service)
+    [client] = await opened(url)
+    await redisCommand(server, "CLIENT", "PAUSE", "10000", "WRITE")
+    client.sendText("orphan")
+    await waitFor(lambda: bus(service).published == 1)
+    # The subscription goes; then Redis runs the held PUBLISH, for nobody.
+    await redisCommands(server, ("CLIENT", "KILL", "TYPE", "pubsub"), ("CLIENT", "UNPAUSE"))
+    assert await client.nextText() == f"wschat: {REFUSED_NO_ROOM}"
+    await allUp(service)
+    client.sendText("again")
+    assert await client.nextText() == prefix(client) + "again"
+    await closeAll([client])
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_redis_dropped(redis, logged):
+    """A Redis that stops answering (no RST) is found by the heartbeat, dropped, and rejoined."""
+    server = await redis()
+    bus = RedisBus(
+        Room(lambda payload, isBinary: payload),  # type: ignore[arg-type, return-value]
+        parseRedisURL(server.url),
+        heartbeat=0.1,
+        replyTimeout=0.2,
+    )
+    bus.startService()
+    try:
+        await waitFor(lambda: bus.available)
+        # Every client, ours included, goes unanswered for 2 s; no connection is closed.
+        await redisCommand(server, "CLIENT", "PAUSE", "2000", "ALL")
+        await waitFor(lambda: not bus.available, timeout=1.8)
+        await waitFor(lambda: bus.available)
+        assert any("Redis link lost" in line for line in logged)
+    finally:
+        await bus.stopService()

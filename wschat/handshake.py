@@ -1,0 +1,190 @@
+"""
+Decisions taken from the opening handshake's HTTP headers: whether a browser page's ``Origin``
+may connect, and who the sender is when trusted proxies stand in front of the daemon.
+
+Origins (``--allowed-origin``)
+    A handshake without ``Origin`` comes from a program, not a page, and is accepted. One with an
+    ``Origin`` is accepted when that origin is the daemon's own (same-origin with the request's
+    ``Host``: ``http`` for a plain connection, ``https`` for TLS; same host; same port, 80/443 when
+    none is written) or is listed. ``*`` lists every origin; ``null`` lists the opaque origin that
+    sandboxed frames and ``file:`` pages send. Anything else gets HTTP 403: this is what stops
+    cross-site WebSocket hijacking, where a page from another site opens a socket to the daemon.
+
+Forwarded senders (``--trust-forwarded-for N``)
+    Each proxy appends the address it received the connection from to ``X-Forwarded-For``. With
+    ``N`` trusted proxies, the last of which connects to the daemon, the client is the ``N``-th
+    entry from the right: ``N=1`` takes the last entry, written by the one proxy. Entries further
+    left were written by the client or untrusted hops and are never used. A header that is
+    missing, shorter than ``N`` entries, or whose chosen entry is not an IP address leaves the
+    sender as the TCP peer (as Werkzeug's ``ProxyFix`` does). The sender is shown as
+    ``<ip>:<port>`` with the port of the TCP connection the daemon sees (the proxy's side): the
+    client's own port is not in the header, and this port still tells two connections apart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress
+
+from wschat.wire import formatAddress
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+class Origin(NamedTuple):
+    """A web origin: scheme, host and port, all normalised (``port`` is None if unknown)."""
+
+    scheme: str
+    host: str
+    port: int | None
+
+
+#: The opaque origin a browser sends as ``Origin: null``.
+NULL_ORIGIN = Origin("null", "", None)
+
+
+def parseOrigin(text: str) -> Origin:
+    """
+    Parse an ``Origin`` header value (``https://chat.example.com``, ``null``).
+
+    @raise ValueError: if ``text`` is not an origin (no scheme or host, a path, a query...).
+    """
+    text = text.strip()
+    if text.lower() == "null":
+        return NULL_ORIGIN
+    parts = urlsplit(text)
+    host = parts.hostname
+    if not parts.scheme or not host:
+        raise ValueError(f"{text!r} is not an origin (scheme://host[:port])")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"{text!r} is not an origin: it has more than scheme://host[:port]")
+    scheme = parts.scheme.lower()
+    port = parts.port  # raises ValueError for a port that is not a number in range
+    if port is None:
+        port = _DEFAULT_PORTS.get(scheme)
+    return Origin(scheme, host, port)
+
+
+def parseHost(host: str, secure: bool) -> tuple[str, int]:
+    """
+    Parse a ``Host`` header value (``example.com``, ``127.0.0.1:2000``, ``[::1]:2000``) into a
+    lower-case host and a port (80, or 443 when ``secure``, if none is given).
+
+    @raise ValueError: if ``host`` is not a host with an optional port.
+    """
+    parts = urlsplit("//" + host.strip())
+    if not parts.hostname or parts.path or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"{host!r} is not a host[:port]")
+    port = parts.port
+    return parts.hostname, port if port is not None else (443 if secure else 80)
+
+
+def sameOrigin(origin: Origin, host: str | None, secure: bool) -> bool:
+    """
+    Whether a page of ``origin`` is the daemon's own site, reached at ``host`` (the request's
+    ``Host`` header) over TLS when ``secure``: same scheme (``https`` with TLS, ``http``
+    without), same host, same port.
+    """
+    if host is None or origin.scheme != ("https" if secure else "http"):
+        return False
+    try:
+        return (origin.host, origin.port) == parseHost(host, secure)
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class OriginPolicy:
+    """
+    Which pages may open a connection: the daemon's own origin, plus ``allowed``; or all.
+
+    The default policy allows only the daemon's own origin (and clients that send none).
+    """
+
+    allowed: frozenset[Origin] = frozenset()
+    allowAll: bool = False
+
+    @classmethod
+    def fromList(cls, origins: Iterable[str]) -> OriginPolicy:
+        """
+        The policy for ``--allowed-origin`` values: origins, ``null``, or ``*`` for all.
+
+        @raise ValueError: if a value is none of these.
+        """
+        allowed = set()
+        allowAll = False
+        for text in origins:
+            if text.strip() == "*":
+                allowAll = True
+            else:
+                allowed.add(parseOrigin(text))
+        return cls(frozenset(allowed), allowAll)
+
+    def allows(self, origin: str | None, host: str | None, secure: bool) -> bool:
+        """
+        Whether a handshake with this ``Origin`` (None or empty: no header) may connect to the
+        daemon reached at ``host`` (the ``Host`` header), over TLS when ``secure``.
+        """
+        if not origin or self.allowAll:
+            return True
+        try:
+            parsed = parseOrigin(origin)
+        except ValueError:
+            return False
+        return parsed in self.allowed or sameOrigin(parsed, host, secure)
+
+
+def _parseForwardedEntry(entry: str) -> str | None:
+    """
+    The IP address in one ``X-Forwarded-For`` entry (``203.0.113.7``, ``2001:db8::1``,
+    ``[2001:db8::1]:4711``, ``203.0.113.7:4711``), in canonical form; None if it has none.
+    """
+    entry = entry.strip()
+    if entry.startswith("["):
+        entry, bracket, rest = entry[1:].partition("]")
+        if not bracket or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+    elif entry.count(":") == 1:
+        entry, _, port = entry.partition(":")
+        if not port.isdigit():
+            return None
+    try:
+        return str(ipaddress.ip_address(entry))
+    except ValueError:
+        return None
+
+
+def forwardedClient(header: str | None, trustedHops: int) -> str | None:
+    """
+    The client's IP address according to ``X-Forwarded-For`` when the nearest ``trustedHops``
+    proxies are trusted: the ``trustedHops``-th entry from the right. None when the header does
+    not say (missing, too short, not an IP address there) or when no hop is trusted.
+    """
+    if trustedHops < 1 or not header:
+        return None
+    entries = header.split(",")
+    if len(entries) < trustedHops:
+        return None
+    return _parseForwardedEntry(entries[-trustedHops])
+
+
+def senderAddress(peer: IAddress, forwardedFor: str | None, trustedHops: int) -> str:
+    """
+    Name the sender as the prefix shows it: the forwarded client address with the TCP peer's
+    port (``203.0.113.7:51234``, ``[2001:db8::1]:51234``; no port behind a UNIX socket), or,
+    when the header is not trusted or does not say, the TCP peer itself.
+    """
+    client = forwardedClient(forwardedFor, trustedHops)
+    if client is None:
+        return formatAddress(peer)
+    if ipaddress.ip_address(client).version == 6:
+        client = f"[{client}]"
+    if isinstance(peer, IPv4Address | IPv6Address):
+        return f"{client}:{peer.port}"
+    return client

@@ -1,0 +1,150 @@
+"""
+A throwaway ``redis-server`` for tests of the Redis bus: a free loopback port, no persistence.
+
+:class:`RedisServer` starts and stops the real binary under the reactor and knows it is ready
+when it answers a connection; :func:`waitFor` waits for a condition on reactor turns.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable
+
+from twisted.internet import defer, endpoints, protocol, reactor, task
+from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IProcessTransport
+from twisted.python.failure import Failure
+
+
+def freePort(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def waitFor(
+    condition: Callable[[], bool], timeout: float = 15.0, interval: float = 0.01
+) -> None:
+    """
+    Wait, turning the reactor, until ``condition()`` holds; raise ``TimeoutError`` after
+    ``timeout`` seconds.
+    """
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise TimeoutError(f"{condition} still false after {timeout} s")
+        await task.deferLater(reactor, interval, lambda: None)
+
+
+class _Output(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+
+
+class _Ping(protocol.Protocol):
+    """Sends PING; fires with the first reply line (``+PONG``, or ``-NOAUTH ...``)."""
+
+    def __init__(self) -> None:
+        self.reply: defer.Deferred[bytes] = defer.Deferred()
+        self._buffer = b""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"PING\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        if b"\r\n" in self._buffer and not self.reply.called:
+            assert self.transport is not None
+            self.transport.loseConnection()
+            self.reply.callback(self._buffer.split(b"\r\n", 1)[0])
+
+
+class RedisServer:
+    """
+    One ``redis-server`` on 127.0.0.1: ``await server.start()``, ``await server.stop()``;
+    it may be started again on the same port after a stop.
+
+    A missing binary raises ``FileNotFoundError``: tests that need Redis fail, never skip.
+    """
+
+    def __init__(
+        self, port: int | None = None, password: str | None = None, executable: str = "redis-server"
+    ) -> None:
+        self.port = port if port is not None else freePort()
+        self.password = password
+        self.executable = executable
+        self._process: _Output | None = None
+        self._transport: IProcessTransport | None = None
+        self._dir: str | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password is not None else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and not self._process.ended.called
+
+    async def start(self, timeout: float = 10.0) -> None:
+        binary = shutil.which(self.executable)
+        if binary is None:
+            raise FileNotFoundError(
+                f"{self.executable} is not installed (Debian: apt-get install redis-server)"
+            )
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="wschat-redis-")
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--dir", self._dir, "--daemonize", "no"]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
+        output = _Output()
+        self._process = output
+        self._transport = reactor.spawnProcess(output, binary, args, env=dict(os.environ))
+        deadline = reactor.seconds() + timeout
+        while True:
+            if output.ended.called:
+                raise RuntimeError(f"redis-server exited at start: {bytes(output.output)!r}")
+            ping = _Ping()
+            endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
+            try:
+                await endpoints.connectProtocol(endpoint, ping)
+                reply = await ping.reply
+            except (ConnectError, ConnectionError):
+                if reactor.seconds() > deadline:
+                    await self.stop()
+                    raise TimeoutError(f"redis-server not ready after {timeout} s") from None
+                await task.deferLater(reactor, 0.01, lambda: None)
+                continue
+            if reply.startswith((b"+PONG", b"-NOAUTH")):
+                return
+            raise RuntimeError(f"redis-server answered PING with {reply!r}")
+
+    async def stop(self) -> None:
+        """Stop the server (SIGTERM) and wait for it to exit."""
+        process, self._process = self._process, None
+        if process is None or process.ended.called:
+            return
+        assert self._transport is not None
+        self._transport.signalProcess("TERM")
+        await process.ended
+
+    def cleanup(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
