@@ -51,6 +51,10 @@ def _wschat(*extra: str) -> Callable[[int, str], list[str]]:
             str(port),
             "--welcome",
             "",
+            # No keepalive pings: none of the peers sends any, and the counting clients of
+            # the load tool do not answer them.
+            "--ping-interval",
+            "0",
             *extra,
         ]
 
