@@ -1,15 +1,21 @@
 """
 Deliveries per second and latency: one daemon alone, one over Redis, N sharing a Redis.
 
-    python benchmarks/redis_fanout.py [--daemons 3] [--clients 60] [--senders 6] [--duration 5]
+    python benchmarks/redis_fanout.py [--daemons 3] [--clients 300] [--senders 6] [--duration 10]
 
-Starts a throwaway redis-server (no persistence) and the daemons (``python -m twisted wschat``)
-as subprocesses on free loopback ports, then drives each setup from a separate load process:
-``--clients`` WebSocket clients spread round-robin over the daemons, ``--senders`` of them each
-keeping ``--window`` messages in flight (a closed loop: a sender sends its next message when
-one of its own comes back). A delivery is one message arriving at one client. Latency is from
-send to arrival, measured at the senders and at one listening client per daemon. Prints one
-line per setup. Every run is bounded: about 10 s plus ``--duration`` per setup.
+Starts a throwaway redis-server (no persistence) and the daemons (``python -m twisted wschat``,
+raw format, no message log, no keepalive pings) as subprocesses on free loopback ports, and
+runs the same scenario against each setup with the load tool, ``python -m wschat.bench
+throughput --json`` (``--spread`` over the N daemons: clients and senders round-robin, every
+client must receive every message from every sender, whatever its daemon):
+
+1. one daemon without Redis;
+2. one daemon over Redis;
+3. ``--daemons`` daemons over one Redis, one room.
+
+Prints one table: deliveries/s and p50/p99 latency per setup, each with its ratio to the
+single-daemon figure, and the loss and reordering the load tool counted. Bounded in time:
+about 20 s per setup with the defaults, and any step that overruns is stopped.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ def waitListening(port: int, process: subprocess.Popen[bytes], timeout: float = 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
@@ -80,7 +86,9 @@ def startRedis(started: list[subprocess.Popen[bytes]], directory: str) -> str:
 def startDaemon(started: list[subprocess.Popen[bytes]], extra: list[str]) -> str:
     port = freePort()
     args = [sys.executable, "-m", "twisted", "--log-level", "warn", "--log-file", "-"]
-    args += ["wschat", "--port", str(port), "--welcome", "", "--no-message-log", *extra]
+    args += ["wschat", "--port", str(port), "--welcome", "", "--format", "raw", "--no-message-log"]
+    # No keepalive pings: the load tool's counting clients do not answer them.
+    args += ["--ping-interval", "0", *extra]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
     started.append(process)
     waitListening(port, process)
@@ -101,188 +109,93 @@ def waitJoined(redisURL: str, daemons: int, timeout: float = 15.0) -> None:
     raise TimeoutError("the daemons did not all subscribe")
 
 
-def cpuSeconds(pid: int) -> float:
-    """CPU time (user + system) a process has used so far; 0 where /proc is missing."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def runQueueSeconds(pid: int | str) -> float:
-    """Time a process spent runnable but waiting for a CPU (others' load); 0 if unknown."""
-    try:
-        with open(f"/proc/{pid}/schedstat") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def runLoad(
-    urls: list[str], started: list[subprocess.Popen[bytes]], args: argparse.Namespace
-) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--load", ",".join(urls)]
-    command += ["--pids", ",".join(str(p.pid) for p in started)]
-    for name in ("clients", "senders", "window", "size", "duration", "warmup"):
-        command += [f"--{name}", str(getattr(args, name))]
-    output = subprocess.run(command, check=True, capture_output=True, timeout=120).stdout
-    result: dict[str, Any] = json.loads(output.splitlines()[-1])
+def runBench(urls: list[str], pid: int | None, args: argparse.Namespace) -> dict[str, Any]:
+    """One ``python -m wschat.bench throughput`` run over ``urls`` (spread if several)."""
+    command = [sys.executable, "-m", "wschat.bench", "throughput", "--json", "--quiet"]
+    for url in urls:
+        command += ["--url", url]
+    if len(urls) > 1:
+        command.append("--spread")
+    if pid is not None:
+        command += ["--pid", str(pid)]
+    command += ["--clients", str(args.clients), "--senders", str(args.senders)]
+    command += ["--inflight", str(args.inflight), "--size", str(args.size)]
+    command += ["--duration", str(args.duration), "--warmup", str(args.warmup)]
+    command += ["--drain", "5"]
+    timeout = args.duration + args.warmup + 60
+    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, timeout=timeout)
+    (result,) = json.loads(done.stdout)["runs"]
+    assert isinstance(result, dict)
     return result
 
 
-def report(name: str, result: dict[str, Any], redis: bool) -> None:
-    cpu = result["cpu"]  # share of one core, per process, in start order (redis first)
-    daemons = cpu[1:] if redis else cpu
-    perDelivery = 1e6 * sum(daemons) / result["deliveries_per_s"]
-    print(
-        f"{name:<21} {result['deliveries_per_s']:>8,.0f} deliveries/s "
-        f"{result['messages_per_s']:>6,.0f} msgs/s | latency ms p50 {result['p50_ms']:5.1f} "
-        f"p90 {result['p90_ms']:5.1f} p99 {result['p99_ms']:5.1f} | CPU % load "
-        f"{100 * result['loadcpu']:3.0f}, daemons {'/'.join(f'{100 * c:.0f}' for c in daemons)}"
-        + (f", redis {100 * cpu[0]:.0f}" if redis else "")
-        + f" | daemon CPU {perDelivery:.1f} us/delivery"
-        + f" | waiting for a CPU {100 * result['waited']:.0f}%",
-        flush=True,
-    )
+def table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """The setups side by side, with ratios to the first (the single daemon without Redis)."""
+    base = rows[0][1]
+
+    def ratio(value: float | None, reference: float | None) -> str:
+        if not value or not reference:
+            return "-"
+        return f"x{value / reference:.2f}"
+
+    lines = [
+        f"{'setup':<24} {'deliveries/s':>12} {'ratio':>6} {'p50 ms':>7} {'ratio':>6} "
+        f"{'p99 ms':>7} {'ratio':>6}  lost/reordered",
+    ]
+    for name, r in rows:
+        lat, baseLat = r["latency_ms"], base["latency_ms"]
+        lines.append(
+            f"{name:<24} {r['deliveries_per_s']:>12,.0f} "
+            f"{ratio(r['deliveries_per_s'], base['deliveries_per_s']):>6} "
+            f"{lat['p50']:>7.2f} {ratio(lat['p50'], baseLat['p50']):>6} "
+            f"{lat['p99']:>7.2f} {ratio(lat['p99'], baseLat['p99']):>6}  "
+            f"{r['lost']}/{r['reordered']}"
+        )
+    return "\n".join(lines)
 
 
 def orchestrate(args: argparse.Namespace) -> None:
     print(
-        f"{args.clients} clients, {args.senders} senders x {args.window} in flight, "
-        f"{args.size}-byte messages, {args.duration} s per setup; load from a separate process; "
-        f"{os.cpu_count()} CPUs",
+        f"throughput: {args.clients} clients, {args.senders} senders x {args.inflight} in "
+        f"flight, {args.size}-byte messages, {args.duration:g} s measured per setup; "
+        f"{os.cpu_count()} CPUs shared by the daemons, redis-server and the load tool",
         flush=True,
     )
+    rows: list[tuple[str, dict[str, Any]]] = []
     with tempfile.TemporaryDirectory() as directory:
         with processes() as started:
             url = startDaemon(started, [])
-            report("1 daemon, no Redis", runLoad([url], started, args), False)
+            rows.append(("1 daemon, no Redis", runBench([url], started[0].pid, args)))
         with processes() as started:
             redis = startRedis(started, directory)
             url = startDaemon(started, ["--redis", redis])
             waitJoined(redis, 1)
-            report("1 daemon over Redis", runLoad([url], started, args), True)
+            rows.append(("1 daemon over Redis", runBench([url], started[1].pid, args)))
         with processes() as started:
             redis = startRedis(started, directory)
             urls = [startDaemon(started, ["--redis", redis]) for _ in range(args.daemons)]
             waitJoined(redis, args.daemons)
             name = f"{args.daemons} daemons over Redis"
-            report(name, runLoad(urls, started, args), True)
-
-
-# The load process
-
-
-def load(urls: list[str], pids: list[int], args: argparse.Namespace) -> None:
-    from autobahn.twisted.websocket import (
-        WebSocketClientFactory,
-        WebSocketClientProtocol,
-        connectWS,
-    )
-    from twisted.internet import defer, reactor, task
-
-    clock = time.perf_counter
-    latencies: list[float] = []
-    state = {"measuring": False, "deliveries": 0, "messages": 0}
-    padding = "x" * max(0, args.size - 24)
-
-    class Client(WebSocketClientProtocol):
-        timed = False
-        sender = -1
-
-        def onOpen(self) -> None:
-            self.factory.opened.callback(self)
-
-        def send(self) -> None:
-            self.sendMessage(f"{self.sender} {clock():.9f} {padding}".encode())
-
-        def onMessage(self, payload: bytes, isBinary: bool) -> None:
-            if state["measuring"]:
-                state["deliveries"] += 1
-            if not (self.timed or self.sender >= 0):
-                return
-            # "<ip>:<port>: <sender> <sent> <padding>"
-            fields = payload.split(b" ", 3)
-            if state["measuring"]:
-                latencies.append(clock() - float(fields[2]))
-            if int(fields[1]) == self.sender:
-                if state["measuring"]:
-                    state["messages"] += 1
-                self.send()
-
-    async def main() -> None:
-        clients: list[Client] = []
-        for i in range(args.clients):
-            factory = WebSocketClientFactory(urls[i % len(urls)])
-            factory.protocol = Client
-            factory.opened = defer.Deferred()
-            connectWS(factory)
-            clients.append(await factory.opened)
-        for i, client in enumerate(clients):
-            if i < args.senders:
-                client.sender = i
-            elif i < args.senders + len(urls):
-                client.timed = True  # one listener per daemon
-        for client in clients[: args.senders]:
-            for _ in range(args.window):
-                client.send()
-        await task.deferLater(reactor, args.warmup, lambda: None)
-        state["measuring"] = True
-        start = clock()
-        cpuBefore = [cpuSeconds(pid) for pid in pids]
-        ownBefore = time.process_time()
-        waitBefore = sum(runQueueSeconds(pid) for pid in [*pids, "self"])
-        await task.deferLater(reactor, args.duration, lambda: None)
-        state["measuring"] = False
-        elapsed = clock() - start
-        cpu = [(cpuSeconds(pid) - b) / elapsed for pid, b in zip(pids, cpuBefore, strict=True)]
-        ownCPU = (time.process_time() - ownBefore) / elapsed
-        waited = (sum(runQueueSeconds(pid) for pid in [*pids, "self"]) - waitBefore) / elapsed
-        for client in clients:
-            client.sendClose()
-        latencies.sort()
-
-        def pct(p: float) -> float:
-            return 1000 * latencies[min(len(latencies) - 1, int(p * len(latencies)))]
-
-        print(
-            json.dumps(
-                {
-                    "deliveries_per_s": state["deliveries"] / elapsed,
-                    "messages_per_s": state["messages"] / elapsed,
-                    "p50_ms": pct(0.5),
-                    "p90_ms": pct(0.9),
-                    "p99_ms": pct(0.99),
-                    "max_ms": 1000 * latencies[-1],
-                    "cpu": cpu,
-                    "loadcpu": ownCPU,
-                    "waited": waited,
-                }
-            ),
-            flush=True,
-        )
-
-    task.react(lambda _: defer.ensureDeferred(main()))
+            rows.append((name, runBench(urls, None, args)))
+    print(table(rows))
+    for name, r in rows:
+        for warning in r.get("warnings", []):
+            print(f"{name}: {warning}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--daemons", type=int, default=3)
-    parser.add_argument("--clients", type=int, default=60)
+    parser.add_argument("--clients", type=int, default=300)
     parser.add_argument("--senders", type=int, default=6)
-    parser.add_argument("--window", type=int, default=4, help="messages in flight per sender")
+    parser.add_argument("--inflight", type=int, default=4, help="messages in flight per sender")
     parser.add_argument("--size", type=int, default=64, help="message size in bytes")
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per setup")
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--load", metavar="URLS", help=argparse.SUPPRESS)
-    parser.add_argument("--pids", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per setup")
+    parser.add_argument("--warmup", type=float, default=2.0)
     args = parser.parse_args()
-    if args.load:
-        load(args.load.split(","), [int(p) for p in args.pids.split(",") if p], args)
-    else:
-        orchestrate(args)
+    if args.daemons < 2:
+        parser.error("--daemons must be 2 or more")
+    orchestrate(args)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import pytest
 from twisted.python import usage
 
 from wschat.bench import frames, stats
-from wschat.bench.cli import Options, parseServer, plans
+from wschat.bench.cli import Options, assignServers, parseServer, plans
 
 MARK = frames.marker(0xBEEF)
 
@@ -187,6 +187,7 @@ class TestOptions:
             (("throughput", "--url", "wss://h"), "only ws://"),
             (("throughput", "--verify", "some"), "'all' or a number"),
             (("idle", "--plot", "x.png"), "rate mode"),
+            (("throughput", "--spread", "--url", "ws://h:1/"), "two or more --url"),
         ],
     )
     def test_bad_options_are_usage_errors(self, args, error):
@@ -204,7 +205,7 @@ class TestPlans:
     def test_clients_and_senders_spread_over_workers(self):
         """Every client goes to exactly one worker, senders are spread, schedules staggered."""
         o = parse("rate", "--clients", "10", "--senders", "4", "--rate", "40", "--verify", "2")
-        ps = plans(o, "127.0.0.1", 1, "/", 40.0, 3)
+        ps = plans(o, [("127.0.0.1", 1, "/")], 40.0, 3)
         everyone = sorted(n for p in ps for n in p.clients)
         assert everyone == list(range(10))
         senders = sorted(s for p in ps for s in p.senders)
@@ -214,6 +215,45 @@ class TestPlans:
         assert phases == [0.0, 0.025, 0.05, 0.075]
         verifiers = [v for p in ps for v in p.verifiers]
         assert len(verifiers) == 2 and not set(verifiers) & set(senders)
+        assert all(p.clientTargets == (0,) * len(p.clients) for p in ps)
+
+    def test_spread_assigns_each_kind_round_robin(self):
+        """One round-robin over senders, then other verifiers, then the rest: all kinds shared."""
+        where = assignServers(10, frozenset({0, 5}), frozenset({1, 2, 3}), 3)
+        assert where == (0, 2, 0, 1, 2, 1, 0, 1, 2, 0)
+
+    def test_spread_plans_balance_senders_over_servers(self):
+        """With --spread every client has one server, and each server gets its share of senders
+        and verifiers, whatever the stride of either."""
+        urls = [f"ws://127.0.0.1:{p}/" for p in (1, 2, 3)]
+        o = parse(
+            "throughput",
+            "--clients",
+            "300",
+            "--senders",
+            "6",
+            "--spread",
+            *(a for u in urls for a in ("--url", u)),
+        )
+        assert o["groups"] == [o["servers"]]
+        targets = [("127.0.0.1", p, "/") for p in (1, 2, 3)]
+        ps = plans(o, targets, None, 2)
+        assert all(p.targets == tuple(targets) for p in ps)
+        where = {n: t for p in ps for n, t in zip(p.clients, p.clientTargets, strict=True)}
+        assert sorted(where) == list(range(300))
+        for kind in (
+            [s for p in ps for s in p.senders],
+            [v for p in ps for v in p.verifiers],
+            list(where),
+        ):
+            perServer = [sum(1 for n in kind if where[n] == t) for t in range(3)]
+            assert max(perServer) - min(perServer) <= 1, perServer
+        assert len([s for p in ps for s in p.senders]) == 6
+
+    def test_without_spread_one_run_per_url(self):
+        """Without --spread, each --url is a run of its own."""
+        o = parse("throughput", "--url", "ws://h:1/", "--url", "ws://h:2/")
+        assert o["groups"] == [[s] for s in o["servers"]]
 
 
 class TestSchedule:

@@ -9,6 +9,9 @@ import sys
 import pytest_twisted
 from twisted.internet import utils
 
+from wschat.bus import RedisBus
+from wschat.testing_redis import RedisServer, waitFor
+
 
 async def bench(*args: str) -> dict:
     """Run ``python -m wschat.bench ... --json`` in a subprocess; its one run's result."""
@@ -91,3 +94,48 @@ async def test_idle_run_reports_rss_and_handshakes(daemon):
     assert (run["connected"], run["held"], run["dropped"]) == (50, 50, 0)
     assert run["handshakes_per_s"] > 0
     assert "rss_per_connection" in run
+
+
+@pytest_twisted.ensureDeferred
+async def test_spread_run_over_two_daemons_sharing_redis(daemon):
+    """--spread over two daemons of one Redis room: every client gets every sender's messages."""
+    server = RedisServer()
+    await server.start()
+    try:
+        daemons = [
+            daemon("--format", "raw", "--welcome", "", "--no-message-log", "--redis", server.url)
+            for _ in range(2)
+        ]
+        buses = [service.factory.bus for service, _ in daemons]
+        assert all(isinstance(b, RedisBus) for b in buses)
+        await waitFor(lambda: all(b.available for b in buses))
+        run = await bench(
+            "throughput",
+            "--spread",
+            *(arg for _, url in daemons for arg in ("--url", url)),
+            "--clients",
+            "20",
+            "--senders",
+            "4",
+            "--inflight",
+            "2",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.1",
+            "--processes",
+            "2",
+            "--verify",
+            "all",
+        )
+        assert (run["daemons"], run["connected"]) == (2, 20)
+        assert run["sent_total"] >= 100
+        assert (run["lost"], run["reordered"], run["duplicated"], run["dropped"]) == (0, 0, 0, 0)
+        assert run["verified_clients"] == 20 and run["latency_ms"]["samples"] > 0
+        # Both daemons had senders, and each relayed every message sent, not just its own.
+        assert all(b.published > 0 for b in buses)
+        assert sum(b.published for b in buses) == run["sent_total"]
+        assert [b.received for b in buses] == [run["sent_total"]] * 2
+    finally:
+        await server.stop()
+        server.cleanup()

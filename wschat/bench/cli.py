@@ -55,7 +55,13 @@ class Options(usage.Options):
         "and (with --pid) the server's RSS per connection, and hold them for --duration."
     )
     optParameters: list[list[Any]] = [
-        ["url", "u", None, "Server URL, optionally NAME=URL; repeatable (one line per server)."],
+        [
+            "url",
+            "u",
+            None,
+            "Server URL, optionally NAME=URL; repeatable (one run per server, or one run "
+            "over all of them with --spread).",
+        ],
         ["clients", "c", 1000, "Connections to open.", int],
         ["senders", "s", 10, "How many of the clients send.", int],
         ["inflight", "w", 4, "throughput: messages each sender keeps in flight.", int],
@@ -82,6 +88,13 @@ class Options(usage.Options):
     optFlags: list[list[str | None]] = [
         ["json", None, "Print the results as JSON on stdout."],
         ["quiet", "q", "No progress line."],
+        [
+            "spread",
+            None,
+            "The --urls are daemons of ONE room (say, sharing a Redis): one run spreads the "
+            "clients, senders among them, round-robin over them; every client must receive "
+            "every message.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -114,6 +127,12 @@ class Options(usage.Options):
         if not self["urls"]:
             self["urls"] = ["ws://127.0.0.1:2000/"]
         self["servers"] = [parseServer(u) for u in self["urls"]]
+        if self["spread"]:
+            if len(self["servers"]) < 2:
+                raise usage.UsageError("--spread needs two or more --url (daemons of one room)")
+            self["groups"] = [self["servers"]]
+        else:
+            self["groups"] = [[server] for server in self["servers"]]
         for name in ("clients", "concurrency"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be 1 or more")
@@ -185,10 +204,34 @@ def usableCores() -> int:
         return os.cpu_count() or 1
 
 
+def assignServers(
+    clients: int, senders: frozenset[int], verifiers: frozenset[int], servers: int
+) -> tuple[int, ...]:
+    """
+    The server (an index below ``servers``) each client connects to: one round-robin over the
+    senders first, then the other verifying clients, then the rest, so every server gets its
+    share of each kind and of all.
+    """
+
+    def kind(n: int) -> int:
+        return 0 if n in senders else 1 if n in verifiers else 2
+
+    result = [0] * clients
+    for position, n in enumerate(sorted(range(clients), key=kind)):
+        result[n] = position % servers
+    return tuple(result)
+
+
 def plans(
-    options: Options, host: str, port: int, path: str, rate: float | None, processes: int
+    options: Options,
+    targets: Sequence[tuple[str, int, str]],
+    rate: float | None,
+    processes: int,
 ) -> list[worker.Plan]:
-    """Share the clients among ``processes`` workers: client ``n`` goes to worker ``n % P``."""
+    """
+    Share the clients among ``processes`` workers (client ``n`` goes to worker ``n % P``) and
+    among the ``targets`` (see :func:`assignServers`).
+    """
     clients = options["clients"]
     nSenders = options["senders"] if options["mode"] != "idle" else 0
     # Senders are spread over the clients so every worker gets its share.
@@ -204,6 +247,7 @@ def plans(
     perSender = (rate or 0.0) / nSenders if nSenders else 0.0
     # Senders' schedules are staggered evenly over one interval.
     phases = {s: (k / nSenders) / perSender for k, s in enumerate(sorted(senders))} if rate else {}
+    where = assignServers(clients, senders, verifiers, len(targets))
     result = []
     for w in range(processes):
         mine = tuple(range(w, clients, processes))
@@ -211,10 +255,9 @@ def plans(
         result.append(
             worker.Plan(
                 index=w,
-                host=host,
-                port=port,
-                path=path,
+                targets=tuple(targets),
                 clients=mine,
+                clientTargets=tuple(where[n] for n in mine),
                 senders=frozenset(senders & mineSet),
                 verifiers=frozenset(verifiers & mineSet),
                 mode=options["mode"],
@@ -261,18 +304,21 @@ class Progress:
 
 
 class Run:
-    """One measurement against one server at one load: start workers, drive them, sum up."""
+    """
+    One measurement against one server (or, with --spread, several daemons of one room) at
+    one load: start workers, drive them, sum up.
+    """
 
     def __init__(
         self,
         options: Options,
-        server: tuple[str, str, int, str],
+        servers: Sequence[tuple[str, str, int, str]],
         rate: float | None,
         progress: Progress,
     ) -> None:
         self.options = options
-        self.name, host, self.port, self.path = server
-        self.host = worker.resolve(host, self.port)
+        self.name = "+".join(name for name, _, _, _ in servers)
+        self.targets = [(worker.resolve(h, port), port, path) for _, h, port, path in servers]
         self.rate = rate
         self.progress = progress
         self.processes = options["processes"] or usableCores()
@@ -321,7 +367,7 @@ class Run:
         ctx = multiprocessing.get_context("spawn")
         pipes: list[Connection] = []
         procs = []
-        for plan in plans(options, self.host, self.port, self.path, self.rate, self.processes):
+        for plan in plans(options, self.targets, self.rate, self.processes):
             mine, theirs = ctx.Pipe()
             proc = ctx.Process(target=worker.run, args=(plan, theirs), daemon=True)
             proc.start()
@@ -366,7 +412,11 @@ class Run:
         errors = [e for r in connects for e in r["errors"]][:5]
         result: dict[str, Any] = {
             "server": self.name,
-            "url": f"ws://{self.host}:{self.port}{self.path}",
+            "url": " ".join(
+                f"ws://[{h}]:{p}{path}" if ":" in h else f"ws://{h}:{p}{path}"
+                for h, p, path in self.targets
+            ),
+            "daemons": len(self.targets),
             "mode": mode,
             "clients": clients,
             "connected": connected,
@@ -580,6 +630,7 @@ def describe(result: dict[str, Any]) -> str:
     lines.append(
         f"  clients      {result['connected']} connected of {result['clients']}"
         f" ({result['processes']} bench process(es))"
+        + (f", spread over {result['daemons']} daemons" if result["daemons"] > 1 else "")
     )
     if result.get("handshakes_per_s") is not None:
         lines.append(f"  handshakes   {result['handshakes_per_s']:,.0f}/s")
@@ -669,13 +720,13 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> list[dict[
     out = out or sys.stdout
     progress = Progress(sys.stderr, not options["quiet"])
     results = []
-    for server in options["servers"]:
+    for group in options["groups"]:
         for rate in options["rates"]:
             try:
-                result = Run(options, server, rate, progress).execute()
+                result = Run(options, group, rate, progress).execute()
             except (OSError, RuntimeError) as e:
                 progress.done()
-                sys.stderr.write(f"wschat.bench: {server[0]}: {e}\n")
+                sys.stderr.write(f"wschat.bench: {'+'.join(s[0] for s in group)}: {e}\n")
                 raise SystemExit(1) from None
             results.append(result)
             if not options["json"]:

@@ -44,11 +44,12 @@ class Plan:
     """What one worker does."""
 
     index: int
-    host: str
-    port: int
-    path: str
+    #: The servers as (numeric host, port, path): one, or several forming one room (--spread).
+    targets: tuple[tuple[str, int, str], ...]
     #: Global client numbers of this worker's connections (a client's number is its sender id).
     clients: tuple[int, ...]
+    #: For each of ``clients``, the index in ``targets`` of the server it connects to.
+    clientTargets: tuple[int, ...]
     senders: frozenset[int]
     #: Clients besides the senders that read every frame (the rest only count).
     verifiers: frozenset[int]
@@ -74,9 +75,10 @@ def sentStamp(due: float, nowMicros: int) -> int:
 class BenchClient(asyncio.Protocol):
     """One raw WebSocket connection: handshake, then frames in and (for senders) frames out."""
 
-    def __init__(self, worker: Worker, number: int) -> None:
+    def __init__(self, worker: Worker, number: int, target: int) -> None:
         self.worker = worker
         self.number = number
+        self.target = target
         self.transport: asyncio.Transport | None = None
         self.open = False
         self.closed = False
@@ -97,7 +99,7 @@ class BenchClient(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(self.worker.request)
+        self.transport.write(self.worker.requests[self.target])
 
     def data_received(self, data: bytes) -> None:
         if self.open:
@@ -170,7 +172,7 @@ class Worker:
         self.pipe = pipe
         self.loop = loop
         self.mark = marker(plan.run)
-        self.request = handshakeRequest(plan.host, plan.port, plan.path)
+        self.requests = [handshakeRequest(h, p, path) for h, p, path in plan.targets]
         self.clients: list[BenchClient] = []
         self.sent = 0
         self.closed = 0
@@ -216,9 +218,9 @@ class Worker:
         gate = asyncio.Semaphore(plan.concurrency)
         started = time.monotonic()
 
-        async def one(number: int) -> None:
+        async def one(number: int, target: int) -> None:
             async with gate:
-                client = BenchClient(self, number)
+                client = BenchClient(self, number, target)
                 try:
                     await asyncio.wait_for(self._open(client), plan.connectTimeout)
                 except (TimeoutError, OSError, HandshakeError) as e:
@@ -230,7 +232,8 @@ class Worker:
                 self.clients.append(client)
 
         self.progress()
-        await asyncio.gather(*(one(n) for n in plan.clients))
+        pairs = zip(plan.clients, plan.clientTargets, strict=True)
+        await asyncio.gather(*(one(n, t) for n, t in pairs))
         finished = time.monotonic()
         self.pipe.send(
             (
@@ -246,8 +249,8 @@ class Worker:
         )
 
     async def _open(self, client: BenchClient) -> None:
-        plan = self.plan
-        await self.loop.create_connection(lambda: client, plan.host, plan.port)
+        host, port, _ = self.plan.targets[client.target]
+        await self.loop.create_connection(lambda: client, host, port)
         await client.opened
 
     # -- the load
