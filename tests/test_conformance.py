@@ -98,7 +98,7 @@ async def test_autobahn_testsuite(tmp_path, extraArgs, compression, selection):
             [f"127.0.0.1:{port}", "-o", str(tmp_path / "reports"), *selection],
             env=os.environ,
             path=str(tmp_path),
-        ).addTimeout(600, reactor)
+        ).addTimeout(1500 if FULL else 600, reactor)
         elapsed = time.monotonic() - started
     finally:
         await daemon.kill()
