@@ -8,24 +8,19 @@ paused only while bytes are queued.
 
 from __future__ import annotations
 
-import datetime
 import errno
 import hashlib
 import os
 
 import pytest
 import pytest_twisted
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import defer, endpoints, protocol, reactor, ssl, task, tcp, unix
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from wschat import fastwrite
 from wschat.bench import frames
-from wschat.testing import connect
+from wschat.testing import connect, makeTLSFiles
 
 
 class Recorder(protocol.Protocol):
@@ -320,35 +315,11 @@ async def test_unix_socket_uses_write(tmp_path):
         await pair.close()
 
 
-def selfSigned() -> ssl.PrivateCertificate:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    private = ssl.PrivateCertificate.loadPEM(pem)
-    private.certPEM = pem  # for the client's trust root
-    return private
-
-
 @pytest_twisted.ensureDeferred
-async def test_tls_uses_write():
+async def test_tls_uses_write(tmp_path):
     """A TLS connection is never bypassed: the frame is encrypted and arrives as plaintext."""
-    cert = selfSigned()
+    files = makeTLSFiles(tmp_path)
+    cert = files.serverCertificate()
     serverFactory = RecorderFactory()
     endpoint = endpoints.SSL4ServerEndpoint(reactor, 0, cert.options(), interface="127.0.0.1")
     port = await endpoint.listen(serverFactory)
@@ -357,7 +328,7 @@ async def test_tls_uses_write():
         reactor,
         "127.0.0.1",
         port.getHost().port,
-        ssl.optionsForClientTLS("localhost", trustRoot=ssl.Certificate.loadPEM(cert.certPEM)),
+        ssl.optionsForClientTLS("localhost", trustRoot=files.trustRoot()),
     )
     await clientEndpoint.connect(clientFactory)
     client = await clientFactory.built
@@ -372,13 +343,13 @@ async def test_tls_uses_write():
 
 
 @pytest_twisted.ensureDeferred
-async def test_started_tls_uses_write():
+async def test_started_tls_uses_write(tmp_path):
     """A plain TCP connection that has started TLS is no longer bypassed."""
     pair = await tcpPair()
     try:
         t = pair.server.transport
         assert fastwrite.canSendDirectly(t)
-        t.startTLS(selfSigned().options())
+        t.startTLS(makeTLSFiles(tmp_path).serverCertificate().options())
         assert not fastwrite.canSendDirectly(t)
     finally:
         await pair.close()

@@ -15,7 +15,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from wschat.tap import Options
-from wschat.testing import connect
+from wschat.testing import connect, makeTLSFiles
 from wschat.web import CONTENT_SECURITY_POLICY, HealthResource
 
 # Twisted's readBody warns about the proxy transport its own Agent hands it.
@@ -180,43 +180,6 @@ def test_metrics_options():
         Options().parseOptions(["--no-metrics", "--metrics-listen", "tcp:9100"])
 
 
-def selfSignedCertificate(directory) -> tuple[str, str, bytes]:
-    """A key and a certificate for ``localhost``; returns (key path, cert path, cert PEM)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    keyPath, certPath = directory / "key.pem", directory / "cert.pem"
-    keyPath.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
-    certPEM = cert.public_bytes(serialization.Encoding.PEM)
-    certPath.write_bytes(certPEM)
-    return str(keyPath), str(certPath), certPEM
-
-
 @pytest.mark.filterwarnings(
     "ignore:Passing pyOpenSSL:DeprecationWarning"
 )  # Twisted's ssl: endpoint
@@ -226,12 +189,10 @@ async def test_tls_serves_page_and_websocket(daemon, tmp_path):
     from twisted.internet import ssl
     from twisted.web.client import BrowserLikePolicyForHTTPS
 
-    keyPath, certPath, certPEM = selfSignedCertificate(tmp_path)
-    service, _ = daemon(
-        "--listen", f"ssl:0:interface=127.0.0.1:privateKey={keyPath}:certKey={certPath}"
-    )
+    files = makeTLSFiles(tmp_path)
+    service, _ = daemon("--listen", files.listen())
     port = service.ports[0].getHost().port
-    trust = ssl.Certificate.loadPEM(certPEM)
+    trust = files.trustRoot()
     agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust))
     response = await agent.request(b"GET", f"https://localhost:{port}/".encode())
     assert (response.code, await readBody(response)) == (200, static("index.html"))

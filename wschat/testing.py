@@ -36,7 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, ssl
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.testing import MemoryReactorClock
@@ -142,6 +142,14 @@ class TLSFiles:
     ca: Path
     key: Path
     cert: Path
+
+    def serverCertificate(self) -> ssl.PrivateCertificate:
+        """The server's key and certificate, for a TLS context (``.options()``)."""
+        return ssl.PrivateCertificate.loadPEM(self.cert.read_bytes() + self.key.read_bytes())
+
+    def trustRoot(self) -> ssl.Certificate:
+        """The CA certificate, for a client that must trust the server."""
+        return ssl.Certificate.loadPEM(self.ca.read_bytes())
 
     def listen(self, port: int = 0, interface: str = "127.0.0.1") -> str:
         """A ``--listen`` description serving TLS with these files."""
