@@ -168,19 +168,27 @@ class SenderAddressTests(SynchronousTestCase):
 
     def test_tcpPeer(self) -> None:
         """Untrusted or silent headers leave the TCP peer as the sender."""
-        self.assertEqual(senderAddress(self.peer, "203.0.113.7", 0), "10.0.0.2:51234")
-        self.assertEqual(senderAddress(self.peer, None, 1), "10.0.0.2:51234")
-        self.assertEqual(senderAddress(self.peer, "unknown", 1), "10.0.0.2:51234")
+        self.assertEqual(
+            senderAddress(self.peer, forwardedClient("203.0.113.7", 0)), "10.0.0.2:51234"
+        )
+        self.assertEqual(senderAddress(self.peer, forwardedClient(None, 1)), "10.0.0.2:51234")
+        self.assertEqual(senderAddress(self.peer, forwardedClient("unknown", 1)), "10.0.0.2:51234")
 
     def test_forwarded(self) -> None:
         """The forwarded client is shown with the TCP connection's port; IPv6 in brackets."""
-        self.assertEqual(senderAddress(self.peer, "203.0.113.7", 1), "203.0.113.7:51234")
-        self.assertEqual(senderAddress(self.peer, "2001:db8::1", 1), "[2001:db8::1]:51234")
+        self.assertEqual(
+            senderAddress(self.peer, forwardedClient("203.0.113.7", 1)), "203.0.113.7:51234"
+        )
+        self.assertEqual(
+            senderAddress(self.peer, forwardedClient("2001:db8::1", 1)), "[2001:db8::1]:51234"
+        )
         peer6 = IPv6Address("TCP", "::1", 4000)
-        self.assertEqual(senderAddress(peer6, "203.0.113.7", 1), "203.0.113.7:4000")
+        self.assertEqual(
+            senderAddress(peer6, forwardedClient("203.0.113.7", 1)), "203.0.113.7:4000"
+        )
 
     def test_unixPeer(self) -> None:
         """Behind a proxy on a UNIX socket the sender is the bare address (there is no port)."""
         peer = UNIXAddress(b"/run/wschat.sock")
-        self.assertEqual(senderAddress(peer, "203.0.113.7", 1), "203.0.113.7")
-        self.assertEqual(senderAddress(peer, None, 1), "unix")
+        self.assertEqual(senderAddress(peer, forwardedClient("203.0.113.7", 1)), "203.0.113.7")
+        self.assertEqual(senderAddress(peer, forwardedClient(None, 1)), "unix")

@@ -174,13 +174,13 @@ def forwardedClient(header: str | None, trustedHops: int) -> str | None:
     return _parseForwardedEntry(entries[-trustedHops])
 
 
-def senderAddress(peer: IAddress, forwardedFor: str | None, trustedHops: int) -> str:
+def senderAddress(peer: IAddress, client: str | None) -> str:
     """
-    Name the sender as the prefix shows it: the forwarded client address with the TCP peer's
-    port (``203.0.113.7:51234``, ``[2001:db8::1]:51234``; no port behind a UNIX socket), or,
-    when the header is not trusted or does not say, the TCP peer itself.
+    Name the sender as the prefix shows it: the forwarded client address (what
+    :func:`forwardedClient` found) with the TCP peer's port (``203.0.113.7:51234``,
+    ``[2001:db8::1]:51234``; no port behind a UNIX socket), or, when the header is not trusted
+    or does not say (``client`` is None), the TCP peer itself.
     """
-    client = forwardedClient(forwardedFor, trustedHops)
     if client is None:
         return formatAddress(peer)
     if ipaddress.ip_address(client).version == 6:

@@ -147,9 +147,9 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         if not factory.origins.allows(request.origin, headers.get("host"), secure):
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, f"origin {request.origin} not allowed")
         peer = self.transport.getPeer()
-        forwardedFor = headers.get("x-forwarded-for")
-        self.address = senderAddress(peer, forwardedFor, factory.trustedHops)
-        self._admit(forwardedClient(forwardedFor, factory.trustedHops) or peer)
+        client = forwardedClient(headers.get("x-forwarded-for"), factory.trustedHops)
+        self.address = senderAddress(peer, client)
+        self._admit(client or peer)
         if JSON_SUBPROTOCOL in request.protocols:
             self.format = Format.JSON
             return JSON_SUBPROTOCOL

@@ -87,12 +87,11 @@ class Room:
         with ``when`` (now, unless given).
         """
         frames = size = 0
-        if when is None:
-            when = self._now()
         # Snapshots: a delivery may make a member leave (a slow reader dropped).
         for fmt, group in tuple(self._groups.items()):
             if fmt is Format.JSON:
-                payload, isBinary = jsonMessage(message, when), False
+                stamp = self._now() if when is None else when
+                payload, isBinary = jsonMessage(message, stamp), False
             else:
                 payload, isBinary = relayPayload(fmt, message), message.isBinary
             frame = self._prepare(payload, isBinary)
