@@ -226,6 +226,8 @@ def table(results: dict[str, dict[str, list[dict[str, Any]]]], servers: list[str
         "|---|" + "---|" * len(servers),
     ]
     for label, scenario, get, kind, _higher in METRICS:
+        if scenario not in results[reference]:
+            continue
         ours = [get(r) if "error" not in r else None for r in results[reference][scenario]]
         cells = []
         for name in servers:
@@ -336,15 +338,15 @@ def main() -> None:
                         sweepResults.append(r)
                     else:
                         sys.stderr.write(f"   FAILED: {r['error']}\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"scenarios": results, "sweep": sweepResults}, f, indent=2)
     print(table(results, servers))
     found = problems(results)
     if found:
         print("\nWarnings:")
         for p in found:
             print(f"- {p}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"scenarios": results, "sweep": sweepResults}, f, indent=2)
     if args.plot:
         from wschat.bench.cli import plot
 

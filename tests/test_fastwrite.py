@@ -370,59 +370,138 @@ class CountingSocket:
         return getattr(self.real, name)
 
 
+def countingWriter(t: tcp.Server, clock: task.Clock) -> fastwrite.DirectWriter:
+    t.socket = CountingSocket(t.socket)
+    return fastwrite.DirectWriter(t, fastwrite.Turns(clock))
+
+
 @pytest_twisted.ensureDeferred
-async def test_coalescer_sends_one_turn_in_one_write():
-    """Frames for one connection within a turn leave together, in one send, at the turn's end."""
+async def test_quiet_turn_sends_at_once():
+    """In a quiet turn a frame goes to the kernel at once; the turn's end is scheduled."""
     pair = await tcpPair()
     clock = task.Clock()
-    c = fastwrite.Coalescer(clock)
     t = pair.server.transport
-    t.socket = CountingSocket(t.socket)
+    w = countingWriter(t, clock)
     try:
-        c.add(t, b"one ")
-        c.add(t, b"two")
-        assert c.pending == {t: [b"one ", b"two"]} and t.socket.sends == []
-        assert not t._tempDataBuffer
+        w.write(b"now")
+        assert t.socket.sends == [b"now"] and not t._tempDataBuffer
+        assert len(clock.getDelayedCalls()) == 1
+        assert await pair.client.waitFor(3) == b"now"
         clock.advance(0)
-        assert c.pending == {} and t.socket.sends == [b"one two"]
-        assert await pair.client.waitFor(7) == b"one two"
+        assert w.turns.turn == 1 and not w.turns.busy
     finally:
         t.socket = t.socket.real
         await pair.close()
 
 
 @pytest_twisted.ensureDeferred
-async def test_coalescer_leaves_a_queued_transport_to_twisted():
-    """A transport with bytes queued gets the frame at once, behind them; nothing is held."""
+async def test_second_frame_in_a_turn_is_held_and_makes_the_next_turn_busy():
+    """
+    A second frame for one connection in a turn waits for the turn's end; the next turn holds
+    every frame (one send per connection); a turn with one frame per connection ends that.
+    """
     pair = await tcpPair()
     clock = task.Clock()
-    c = fastwrite.Coalescer(clock)
     t = pair.server.transport
+    w = countingWriter(t, clock)
+    turns = w.turns
     try:
-        t.write(b"queued ")
-        c.add(t, b"frame")
-        assert c.pending == {} and clock.getDelayedCalls() == []
-        assert t._tempDataBuffer == [b"queued ", b"frame"]
-        assert await pair.client.waitFor(12) == b"queued frame"
+        w.write(b"a")
+        w.write(b"b")
+        w.write(b"c")
+        assert t.socket.sends == [b"a"]
+        clock.advance(0)
+        assert t.socket.sends == [b"a", b"bc"] and turns.busy
+        w.write(b"d")
+        assert t.socket.sends == [b"a", b"bc"]
+        clock.advance(0)
+        assert t.socket.sends == [b"a", b"bc", b"d"] and not turns.busy
+        w.write(b"e")
+        assert t.socket.sends[-1] == b"e"
+        assert await pair.client.waitFor(5) == b"abcde"
     finally:
+        t.socket = t.socket.real
         await pair.close()
 
 
 @pytest_twisted.ensureDeferred
-async def test_flush_one_keeps_order_with_a_later_write():
-    """flushOne sends what is held before another write on the same transport."""
+async def test_writer_leaves_a_queued_transport_to_twisted():
+    """Told that the transport was written to, the writer queues behind what it holds."""
     pair = await tcpPair()
     clock = task.Clock()
-    c = fastwrite.Coalescer(clock)
     t = pair.server.transport
+    w = countingWriter(t, clock)
     try:
-        c.add(t, b"held ")
-        c.flushOne(t)
-        t.write(b"after")
+        w.write(b"direct ")
+        t.write(b"queued ")
+        w.wrote()
+        w.write(b"frame")
+        assert t.socket.sends == [b"direct "] and w.held is None
+        assert t._tempDataBuffer == [b"queued ", b"frame"]
+        assert await pair.client.waitFor(19) == b"direct queued frame"
+        # Once Twisted has sent its queue (with the same socket), the writer sends directly.
         clock.advance(0)
-        assert await pair.client.waitFor(10) == b"held after"
+        w.write(b"!")
+        assert t.socket.sends == [b"direct ", b"queued frame", b"!"] and not w.dirty
+        assert await pair.client.waitFor(20) == b"direct queued frame!"
     finally:
+        t.socket = t.socket.real
         await pair.close()
+
+
+@pytest.mark.parametrize(
+    ("first", "kept"),
+    [(3, b"defgh"), (BlockingIOError(errno.EAGAIN, "full"), b"abcdefgh")],
+)
+@pytest_twisted.ensureDeferred
+async def test_writer_refused_bytes_wait_for_the_reactor(first, kept):
+    """A partial send or EAGAIN: the rest goes to transport.write, and so do later frames."""
+    pair = await tcpPair()
+    clock = task.Clock()
+    t = pair.server.transport
+    t.socket = StubSocket(t.socket, first)
+    w = fastwrite.DirectWriter(t, fastwrite.Turns(clock))
+    try:
+        w.write(b"abcdefgh")
+        assert t._tempDataBuffer == [kept] and w.dirty
+        clock.advance(0)
+        w.write(b"ij")
+        assert t._tempDataBuffer == [kept, b"ij"]
+        assert await pair.client.waitFor(10) == b"abcdefghij"
+    finally:
+        t.socket = t.socket.real
+        await pair.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_writer_socket_error_is_left_to_twisted():
+    """Any other send error hands the frame to transport.write, whose own path handles it."""
+    pair = await tcpPair()
+    t = pair.server.transport
+    t.socket = StubSocket(t.socket, ConnectionResetError(errno.ECONNRESET, "reset"))
+    w = fastwrite.DirectWriter(t, fastwrite.Turns(task.Clock()))
+    try:
+        w.write(b"retry")
+        assert t._tempDataBuffer == [b"retry"] and w.dirty
+        assert await pair.client.waitFor(5) == b"retry"
+    finally:
+        t.socket = t.socket.real
+        await pair.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_held_frames_of_a_lost_connection_are_dropped_quietly():
+    """Frames held for a connection that is gone by the turn's end go nowhere, without error."""
+    pair = await tcpPair()
+    clock = task.Clock()
+    t = pair.server.transport
+    w = fastwrite.DirectWriter(t, fastwrite.Turns(clock))
+    w.write(b"one")
+    w.write(b"two")
+    assert await pair.client.waitFor(3) == b"one"
+    await pair.close()
+    clock.advance(0)
+    assert w.held is None and pair.client.received == b"one"
 
 
 class FakeFrame:
@@ -440,34 +519,69 @@ class AutobahnLike:
 
 
 class Delivering(fastwrite.FastDelivery, AutobahnLike):
-    def __init__(self, compress: object, queued: list[object]) -> None:
+    def __init__(self, transport: object, compress: object = None, queued: object = ()) -> None:
         self._perMessageCompress = compress
-        self.send_queue = queued
-        self.transport = Writes()
+        self.send_queue = list(queued)
+        self.transport = transport
         self.prepared: list[object] = []
-        self.coalescer = fastwrite.Coalescer(task.Clock())
 
 
 @pytest.mark.parametrize(
     ("compress", "queued", "direct"),
     [(None, [], True), (object(), [], False), (None, [b"chopped"], False)],
 )
-def test_frame_bytes_used_only_uncompressed(compress, queued, direct):
-    """The prepared frame's bytes are written as they are only without compression or queue."""
-    p = Delivering(compress, queued)
+@pytest_twisted.ensureDeferred
+async def test_frame_bytes_used_only_uncompressed(compress, queued, direct):
+    """The prepared frame's bytes go to the writer only without compression or queue."""
+    pair = await tcpPair()
+    try:
+        p = Delivering(pair.server.transport, compress, queued)
+        p.sendPreparedFast(FakeFrame)
+        if direct:
+            assert p.prepared == [] and isinstance(p._writer, fastwrite.DirectWriter)
+            assert await pair.client.waitFor(4) == FakeFrame.payloadHybi
+        else:
+            assert p.prepared == [FakeFrame] and p._writer is False
+    finally:
+        await pair.close()
+
+
+def test_other_transports_take_autobahns_path():
+    """A transport that is not plain TCP never gets a writer."""
+    p = Delivering(Writes())
     p.sendPreparedFast(FakeFrame)
-    if direct:
-        assert p.transport.written == [FakeFrame.payloadHybi] and p.prepared == []
-    else:
-        assert p.transport.written == [] and p.prepared == [FakeFrame]
+    assert p.prepared == [FakeFrame] and p._writer is False
 
 
-def test_any_other_write_flushes_held_frames_first():
+@pytest_twisted.ensureDeferred
+async def test_any_other_write_flushes_held_frames_first():
     """sendData (every other Autobahn write: close, pong) first sends the frames held."""
-    p = Delivering(None, [])
-    p.coalescer.pending[p.transport] = [b"held"]
-    p.sendData(b"close")
-    assert p.transport.written == [b"held", b"close"]
+    pair = await tcpPair()
+    try:
+        p = Delivering(pair.server.transport)
+        p.sendPreparedFast(FakeFrame)
+        p.sendPreparedFast(FakeFrame)
+        assert p._writer.held == [FakeFrame.payloadHybi]
+        p.sendData(b"close")
+        assert p._writer.held is None and p._writer.dirty
+        assert await pair.client.waitFor(13) == FakeFrame.payloadHybi * 2 + b"close"
+    finally:
+        await pair.close()
+
+
+@pytest.mark.parametrize("how", [{"sync": True}, {"chopsize": 2}])
+@pytest_twisted.ensureDeferred
+async def test_autobahns_own_queue_ends_the_fast_path(how):
+    """After a chopped or sync send (Autobahn queues those), frames take Autobahn's path."""
+    pair = await tcpPair()
+    try:
+        p = Delivering(pair.server.transport)
+        p.sendPreparedFast(FakeFrame)
+        p.sendData(b"queued", **how)
+        p.sendPreparedFast(FakeFrame)
+        assert p._writer is False and p.prepared == [FakeFrame]
+    finally:
+        await pair.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -505,6 +619,7 @@ async def test_daemon_connections_take_the_fast_path(daemon):
         assert fastwrite.canSendDirectly(member.transport)
         client.sendText("fast")
         assert await client.nextText() == "fast"
+        assert isinstance(member._writer, fastwrite.DirectWriter)
     finally:
         client.sendClose(1000)
         await client.closed

@@ -1,7 +1,8 @@
 """
 A fast path for writing frames: a plain TCP transport with nothing queued hands the bytes to
-the kernel in the same reactor turn, all the frames of that turn for one connection in one
-``send``; only what the kernel refuses waits for the reactor.
+the kernel at once; only what the kernel refuses waits for the reactor. Under a heavy load
+(a connection getting several frames in one reactor turn) the frames of a turn leave together,
+one ``send`` per connection at the turn's end (:class:`Turns`).
 
 Twisted's ``transport.write`` always buffers and registers the socket for writing, so every
 delivery costs a buffer append, two epoll re-registrations and a ``send`` in a later reactor
@@ -28,7 +29,7 @@ so Twisted meets the error in its own ``doWrite`` and closes the connection its 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IReactorTime
@@ -80,98 +81,186 @@ def write(transport: Any, data: bytes) -> int:
     return sent
 
 
-class Coalescer:
+class Turns:
     """
-    Frames for one connection within one reactor turn leave in one ``send``.
+    The reactor's turns, as the fast path sees them: quiet or busy.
 
-    :meth:`add` keeps a frame for a transport that could take it directly; the first one in
-    a turn schedules :meth:`flush` with ``callLater(0)``, which runs after every event of the
-    current poll and before the next, so a frame waits for nothing but the rest of this turn.
-    A transport with bytes queued (a slow reader, a paused producer) is not coalesced: its
-    frames go to ``transport.write`` at once, where Twisted buffers and accounts for them.
+    In a quiet turn a frame goes to the kernel at once (:meth:`DirectWriter.write`), so the
+    first client of a broadcast does not wait for the last. When one connection gets a second
+    frame within a turn, that frame and the ones after it are held and leave together at the
+    turn's end, one ``send`` per connection; and the next turn is busy, so all its frames are
+    held. A turn in which no connection got two frames makes the next one quiet again. Under
+    a light load every frame leaves at once; under a heavy one the kernel sees one ``send``
+    per connection per turn.
 
-    Whoever writes to a transport by another way must call :meth:`flushOne` first, or a
-    later write would overtake the frames held here.
+    :meth:`endTurn` runs with ``callLater(0)``: after every event of the current poll and
+    before the next poll.
     """
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
-        self.pending: dict[Any, list[bytes]] = {}
-        self._scheduled = False
+        #: Counts the turns in which anything was sent or held.
+        self.turn = 0
+        #: Hold every frame in this turn.
+        self.busy = False
+        #: Some connection got two frames in this turn.
+        self.busyNext = False
+        self.scheduled = False
+        self.held: list[DirectWriter] = []
 
-    def add(self, transport: Any, data: bytes) -> None:
-        parts = self.pending.get(transport)
-        if parts is not None:
-            parts.append(data)
-        elif canSendDirectly(transport):
-            self.pending[transport] = [data]
-            if not self._scheduled:
-                self._scheduled = True
-                self._clock.callLater(0, self.flush)
-        else:
-            transport.write(data)
+    def schedule(self) -> None:
+        """Make sure this turn ends with :meth:`endTurn`."""
+        if not self.scheduled:
+            self.scheduled = True
+            self._clock.callLater(0, self.endTurn)
 
-    def flushOne(self, transport: Any) -> None:
-        """Send what is held for ``transport`` now."""
-        parts = self.pending.pop(transport, None)
-        if parts:
-            write(transport, parts[0] if len(parts) == 1 else b"".join(parts))
-
-    def flush(self) -> None:
-        """Send everything held, one write per transport."""
-        self._scheduled = False
-        pending, self.pending = self.pending, {}
-        for transport, parts in pending.items():
-            write(transport, parts[0] if len(parts) == 1 else b"".join(parts))
+    def endTurn(self) -> None:
+        """Send everything held, one write per connection, and start the next turn."""
+        self.scheduled = False
+        self.turn += 1
+        self.busy, self.busyNext = self.busyNext, False
+        held, self.held = self.held, []
+        for writer in held:
+            writer.flush()
 
 
-_coalescer: Coalescer | None = None
+_turns: Turns | None = None
 
 
-def coalescer() -> Coalescer:
-    """The process's coalescer, on the global reactor."""
-    global _coalescer
-    if _coalescer is None:
+def turns() -> Turns:
+    """The process's turns, on the global reactor."""
+    global _turns
+    if _turns is None:
         from twisted.internet import reactor
 
-        _coalescer = Coalescer(reactor)  # type: ignore[arg-type]
-    return _coalescer
+        _turns = Turns(reactor)  # type: ignore[arg-type]
+    return _turns
+
+
+class DirectWriter:
+    """
+    Frames for one plain TCP connection: to the kernel at once in a quiet turn, held to the
+    turn's end in a busy one (see :class:`Turns`), and to ``transport.write`` whenever the
+    transport has bytes of its own queued.
+
+    The writer remembers that the transport may have bytes queued (``dirty``) when it handed
+    it any itself, and when told so by :meth:`wrote`, which whoever writes to the transport
+    by another way must call (after :meth:`flush`, so that held frames go first). Only then
+    does it look at the transport's buffers (:func:`canSendDirectly`). Its owner must stop
+    using it once the connection is closing.
+    """
+
+    __slots__ = ("transport", "turns", "_send", "dirty", "held", "turn")
+
+    def __init__(self, transport: Any, turns: Turns) -> None:
+        self.transport = transport
+        self.turns = turns
+        self._send = transport.socket.send
+        self.dirty = True
+        self.held: list[bytes] | None = None
+        self.turn = -1
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` after everything written before it."""
+        held = self.held
+        if held is not None:
+            held.append(data)
+            self.turns.busyNext = True
+            return
+        if self.dirty:
+            if not canSendDirectly(self.transport):
+                self.transport.write(data)
+                return
+            self.dirty = False
+        t = self.turns
+        if t.busy or self.turn == t.turn:
+            if self.turn == t.turn:
+                t.busyNext = True
+            self.held = [data]
+            t.held.append(self)
+            t.schedule()
+            return
+        self.turn = t.turn
+        if not t.scheduled:
+            t.schedule()
+        try:
+            sent = self._send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            # A reset or broken pipe: Twisted's own write path notices it and closes the
+            # connection as it always does.
+            self.dirty = True
+            self.transport.write(data)
+            return
+        if sent != len(data):
+            self.dirty = True
+            self.transport.write(data[sent:])
+
+    def flush(self) -> None:
+        """Send the frames held, if any, in one write."""
+        held = self.held
+        if held is None:
+            return
+        self.held = None
+        data = held[0] if len(held) == 1 else b"".join(held)
+        if write(self.transport, data) != len(data):
+            self.dirty = True
+
+    def wrote(self) -> None:
+        """The transport was written to by another way: it may have bytes queued."""
+        self.dirty = True
 
 
 class FastDelivery:
     """
     Mixin for an Autobahn WebSocket protocol: :meth:`sendPreparedFast` sends a prepared frame
-    through the coalescer and the direct path, and every other write (``sendData``, which all
-    of Autobahn's writes go through) first flushes what the coalescer holds, so frames keep
-    their order.
+    through a :class:`DirectWriter` on a plain TCP connection without per-message
+    compression, and every other write (``sendData``, which all of Autobahn's writes go
+    through) first flushes the frames held, so frames keep their order.
     """
 
     transport: Any
     _perMessageCompress: Any
     send_queue: Any
-    coalescer: Coalescer | None = None
+    # None: not decided yet; False: this connection always takes Autobahn's own path.
+    _writer: DirectWriter | Literal[False] | None = None
 
     def sendPreparedFast(self, frame: Any) -> None:
         """
-        Send an Autobahn ``PreparedMessage``: its frame bytes as they are when no per-message
-        compression was negotiated and Autobahn queues nothing of its own (chopped or sync
-        sends); through ``sendPreparedMessage`` otherwise.
+        Send an Autobahn ``PreparedMessage``: its frame bytes as they are through the
+        connection's :class:`DirectWriter`; through Autobahn's ``sendPreparedMessage`` when
+        per-message compression was negotiated, the transport is not plain TCP, or
+        Autobahn has queued sends of its own (chopped or sync sends).
         """
-        if self._perMessageCompress is None and not self.send_queue:
-            c = self.coalescer
-            if c is None:
-                c = self.coalescer = coalescer()
-            # Inlined Coalescer.add for the common case: this turn already holds frames.
-            parts = c.pending.get(self.transport)
-            if parts is not None:
-                parts.append(frame.payloadHybi)
-            else:
-                c.add(self.transport, frame.payloadHybi)
+        w = self._writer
+        if w:
+            w.write(frame.payloadHybi)
+        elif w is None:
+            self._writer = self._newWriter()
+            self.sendPreparedFast(frame)
         else:
             self.sendPreparedMessage(frame)  # type: ignore[attr-defined]
 
+    def _newWriter(self) -> DirectWriter | Literal[False]:
+        t = self.transport
+        if self._perMessageCompress is None and type(t) in PLAIN_TCP and not self.send_queue:
+            return DirectWriter(t, turns())
+        return False
+
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        c = self.coalescer
-        if c is not None and c.pending:
-            c.flushOne(self.transport)
+        w = self._writer
+        if w:
+            w.flush()
+            w.wrote()
+            if sync or chopsize:
+                # Autobahn queues these sends itself; frames must queue behind them from
+                # now on, so this connection leaves the fast path for good.
+                self._writer = False
+        elif w is None and (sync or chopsize):
+            self._writer = False
         super().sendData(data, sync, chopsize)  # type: ignore[misc]
+
+    def forgetWriter(self) -> None:
+        """The connection is gone: let go of its transport."""
+        self._writer = False

@@ -60,6 +60,8 @@ from wschat.wire import (
     jsonWelcome,
 )
 
+_OPEN = WebSocketProtocol.STATE_OPEN
+
 DEFAULT_WELCOME = "Welcome to chat! Type a message"
 
 #: HTTP status for a handshake past ``--max-connections-per-ip``.
@@ -132,6 +134,7 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
+        self.forgetWriter()
         # The dead transport still holds what it could not send (up to --max-queue and its
         # own 64 KiB). Autobahn's is_closed Deferred keeps this protocol in a reference
         # cycle that only a full garbage collection frees, so let go of the transport now.
@@ -238,7 +241,7 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
     def deliver(self, frame: PreparedMessage) -> None:
         # sendPreparedMessage does not check the state itself: a frame written after our
         # close frame would break the closing handshake.
-        if self.state == WebSocketProtocol.STATE_OPEN:
+        if self.state == _OPEN:
             # The hot path: one attribute test while the client keeps up.
             if self._paused:
                 self._unsent += len(frame.payloadHybi)
