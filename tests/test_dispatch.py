@@ -131,6 +131,39 @@ class DispatcherTests(SynchronousTestCase):
         self.assertFalse(transport.aborted)
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_one_timer_for_every_waiting_head(self) -> None:
+        """
+        Heads waiting at once share one timer; each connection is dropped at its own
+        deadline, and one whose head arrives in time is not.
+        """
+        clock = Clock()
+        factory = DispatchFactory(RecordingFactory("websocket"), RecordingFactory("site"), clock)
+        connections = []
+        for _ in range(3):
+            dispatcher = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+            transport = AbortableTransport()
+            dispatcher.makeConnection(transport)
+            connections.append((dispatcher, transport))
+            clock.advance(3)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        (first, t1), (second, t2), (third, t3) = connections
+        clock.advance(1)  # t = 10: the first head's deadline
+        self.assertEqual((t1.aborted, t2.aborted, t3.aborted), (True, False, False))
+        third.dataReceived(UPGRADE)
+        clock.advance(3)  # t = 13: the second's
+        self.assertEqual((t2.aborted, t3.aborted), (True, False))
+        clock.advance(60)
+        self.assertFalse(t3.aborted)
+        self.assertEqual((len(factory.deadlines), clock.getDelayedCalls()), (0, []))
+
+    def test_lost_connection_leaves_the_queue(self) -> None:
+        """A connection closed before its head arrives is forgotten at once."""
+        dispatcher, _, _, transport, clock = connection()
+        dispatcher.connectionLost(None)
+        self.assertEqual(len(dispatcher.factory.deadlines), 0)
+        clock.advance(60)
+        self.assertFalse(transport.aborted)
+
     def test_oversized_head_is_refused(self) -> None:
         """A head that does not end within MAX_HEAD bytes gets 431 and the connection closes."""
         dispatcher, websocket, site, transport, clock = connection()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.websocket import protocol as autobahn_protocol
 
 from wschat import lean
 from wschat.protocol import ChatServerFactory, ChatServerProtocol
@@ -21,6 +22,22 @@ def test_factory_options_become_class_attributes():
         assert getattr(instance, name) == getattr(factory, name), name
     assert cls.autoPingInterval == 7
     assert lean.protocolClass(factory) is cls
+
+
+def test_nothing_left_for_autobahn_to_copy_or_log(monkeypatch):
+    """Pins Autobahn: with CONFIG_ATTRS empty, a new connection pretty-prints no options."""
+    factory = ChatServerFactory()
+    cls = lean.protocolClass(factory)
+    assert cls.CONFIG_ATTRS == () and ChatServerProtocol.CONFIG_ATTRS
+    formatted = []
+    real = autobahn_protocol.pformat
+    monkeypatch.setattr(
+        autobahn_protocol, "pformat", lambda obj: formatted.append(obj) or real(obj)
+    )
+    protocol = cls()
+    protocol.factory = factory
+    protocol._connectionMade()
+    assert formatted == [[]]
 
 
 def test_function_options_stay_plain_functions():
@@ -64,8 +81,11 @@ async def test_open_connection_holds_no_option_copies(daemon):
     try:
         (member,) = list(service.factory.room)
         copied = set(WebSocketServerProtocol.CONFIG_ATTRS) & set(vars(member))
-        assert copied == set()
-        assert member.openHandshakeTimeout == service.factory.openHandshakeTimeout
+        # The one per-connection option: the dispatcher, which already timed the head,
+        # turns off Autobahn's handshake timer for this connection.
+        assert copied == {"openHandshakeTimeout"}
+        assert member.openHandshakeTimeout == 0 < service.factory.openHandshakeTimeout
+        assert type(member).CONFIG_ATTRS == ()
         client.sendText("still relays")
         assert await client.nextText() == "still relays"
     finally:

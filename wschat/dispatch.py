@@ -10,6 +10,8 @@ HTTP channel behind for every WebSocket connection.)
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -46,6 +48,47 @@ def isWebSocketUpgrade(head: bytes) -> bool:
     return False
 
 
+class Deadlines:
+    """
+    Drops each connection whose head is not in by its deadline, with one timer for them all.
+
+    Every connection gets the same timeout, so deadlines come in the order connections
+    arrive: an ``OrderedDict`` in that order is the queue (adding and discarding are O(1)),
+    and one delayed call waits for the first deadline. A ``callLater`` per connection would
+    cost a heap entry, a cancellation and a reactor object on every handshake. Should the
+    timeout shrink while the daemon runs, a connection added after the change waits at most
+    for those before it.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._due: OrderedDict[Dispatcher, float] = OrderedDict()
+        self._call: IDelayedCall | None = None
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def add(self, dispatcher: Dispatcher, timeout: float) -> None:
+        self._due[dispatcher] = self._clock.seconds() + timeout
+        if self._call is None:
+            self._call = self._clock.callLater(timeout, self._expire)
+
+    def discard(self, dispatcher: Dispatcher) -> None:
+        self._due.pop(dispatcher, None)
+
+    def _expire(self) -> None:
+        self._call = None
+        now = self._clock.seconds()
+        due = self._due
+        while due:
+            dispatcher, when = next(iter(due.items()))
+            if when > now:
+                self._call = self._clock.callLater(when - now, self._expire)
+                return
+            del due[dispatcher]
+            dispatcher.timedOut()
+
+
 class Dispatcher(Protocol):
     """
     Reads a connection's first request head, then hands the connection, and every byte read,
@@ -64,7 +107,7 @@ class Dispatcher(Protocol):
     def connectionMade(self) -> None:
         timeout = self.factory.headTimeout()
         if timeout:
-            self._timer = self.factory.clock.callLater(timeout, self._timedOut)
+            self.factory.deadlines.add(self, timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self._inner is not None:
@@ -78,7 +121,7 @@ class Dispatcher(Protocol):
             self._head = head
             return
         self._head = b""
-        self._cancelTimer()
+        self.factory.deadlines.discard(self)
         assert self.transport is not None
         if end < 0 or end > MAX_HEAD:
             self._refuse()
@@ -90,10 +133,15 @@ class Dispatcher(Protocol):
             self.transport.loseConnection()
             return
         self._inner = inner
+        if upgrade:
+            # The whole head is here, so Autobahn's handshake completes within this call:
+            # its own timer for the handshake would start and stop unused.
+            inner.openHandshakeTimeout = 0  # type: ignore[attr-defined]
         inner.makeConnection(self.transport)
         inner.dataReceived(head)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        self.factory.deadlines.discard(self)
         self._cancelTimer()
         if self._inner is not None:
             self._inner.connectionLost(reason or Failure(ConnectionError()))
@@ -106,9 +154,10 @@ class Dispatcher(Protocol):
         self._refused = True
         self.transport.write(TOO_LARGE)
         self.transport.loseWriteConnection()  # type: ignore[attr-defined]
-        self._timer = self.factory.clock.callLater(LINGER, self._timedOut)
+        self._timer = self.factory.clock.callLater(LINGER, self.timedOut)
 
-    def _timedOut(self) -> None:
+    def timedOut(self) -> None:
+        """Its time is up: drop the connection."""
         self._timer = None
         # Slowloris: a connection that never finishes its head is dropped, not answered.
         assert self.transport is not None
@@ -136,6 +185,7 @@ class DispatchFactory(ServerFactory):
         self.websocket = websocket
         self.site = site
         self.clock = clock
+        self.deadlines = Deadlines(clock)
 
     def headTimeout(self) -> float:
         return float(getattr(self.websocket, "openHandshakeTimeout", 0) or 0)
