@@ -69,6 +69,7 @@ SERVERS: dict[str, Callable[[int, str], list[str]]] = {
     "wschat": _wschat("--format", "raw", "--no-message-log"),
     "wschat-prefixed": _wschat("--format", "prefixed", "--no-message-log"),
     "wschat-log": _wschat("--format", "raw"),
+    "wschat-quiet": _wschat("--format", "raw", "--no-message-log", "--no-connection-log"),
     "websockets": _script(PEERS / "websockets_server.py"),
     "node-ws": lambda port, logdir: ["node", str(PEERS / "node-ws" / "server.js"), str(port)],
     "picows": _script(PEERS / "picows_server.py"),

@@ -129,6 +129,15 @@ class LoggingTests(SynchronousTestCase):
         self.assertNotIn("From client {peer}: {text}", self.formats())
         self.assertFalse(any("secret" in repr(e) for e in self.events))
 
+    def test_no_connection_log(self) -> None:
+        """With connection logging off, connections and closes are not logged; messages are."""
+        room = MemoryRoom(welcome="", logConnections=False)
+        _, alice = room.connect(1234)
+        alice.sendMessage(b"hi")
+        alice.sendClose(1000)
+        room.flush()
+        self.assertEqual(self.formats(), ["From client {peer}: {text}"])
+
 
 class RoomTests(SynchronousTestCase):
     def test_frames_once(self) -> None:

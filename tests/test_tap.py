@@ -67,12 +67,16 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("prefixed, raw", str(e))
 
     def test_flags_reach_the_factory(self) -> None:
-        """--welcome, --format and --no-message-log configure the factory."""
+        """--welcome, --format, --no-message-log, --no-connection-log configure the factory."""
         service = makeService(parse("--welcome", "", "--format", "raw", "--no-message-log"))
         self.assertIsInstance(service, ChatService)
         self.assertEqual(service.factory.welcome, b"")
         self.assertEqual(service.factory.room.format, Format.RAW)
         self.assertFalse(service.factory.logMessages)
+        self.assertTrue(service.factory.logConnections)
+        quiet = makeService(parse("--no-connection-log"))
+        self.assertFalse(quiet.factory.logConnections)
+        self.assertTrue(quiet.factory.logMessages)
 
     def test_one_listener_per_endpoint(self) -> None:
         """makeService builds a listening service per --listen, and listens on none yet."""

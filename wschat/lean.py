@@ -34,6 +34,7 @@ class _Made:
         self.cls = cls
         # One C call reads every option: how a change is noticed cheaply on each connection.
         self._read: Any = operator.attrgetter(*names) if names else (lambda f: ())
+        self._values: object
         try:
             self._values = self._read(factory)
         except AttributeError:

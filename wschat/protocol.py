@@ -180,7 +180,8 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         factory = self.factory
         factory.room.join(self, self.format)
         factory.metrics.connectionOpened()
-        self._log.info("New connection from {peer}", peer=self.address)
+        if factory.logConnections:
+            self._log.info("New connection from {peer}", peer=self.address)
         greeting = factory.greeting(self)
         if greeting:
             self.sendMessage(greeting)
@@ -229,7 +230,7 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
             factory.connectionsPerHost.release(self._hostKey)
             self._hostKey = None
         self._fireGone()
-        if self.address:
+        if self.address and factory.logConnections:
             self._log.info(
                 "Connection from {peer} closed: code {code} {reason}",
                 peer=self.address,
@@ -311,6 +312,7 @@ class ChatServerFactory(WebSocketServerFactory):
         fmt: Format = Format.PREFIXED,
         welcome: str = DEFAULT_WELCOME,
         logMessages: bool = True,
+        logConnections: bool = True,
         metrics: Metrics | None = None,
         origins: OriginPolicy | None = None,
         trustedHops: int = 0,
@@ -347,6 +349,7 @@ class ChatServerFactory(WebSocketServerFactory):
         self.bus: Bus = LocalBus(self.room)
         self.welcome = welcome.encode("utf-8")
         self.logMessages = logMessages
+        self.logConnections = logConnections
         self.origins = origins if origins is not None else OriginPolicy()
         self.trustedHops = trustedHops
         self.shuttingDown = False

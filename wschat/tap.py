@@ -207,6 +207,11 @@ class Options(usage.Options):
     optParameters += LIMIT_PARAMETERS
     optFlags: list[list[str | None]] = [
         ["no-message-log", None, "Do not log message bodies (privacy, speed)."],
+        [
+            "no-connection-log",
+            None,
+            "Do not log each connection and disconnection (speed in reconnect storms).",
+        ],
         ["no-metrics", None, "Do not serve Prometheus metrics at /metrics."],
         [
             "compression",
@@ -293,6 +298,7 @@ def makeFactory(options: Options) -> ChatServerFactory:
         fmt=options["format"],
         welcome=options["welcome"],
         logMessages=not options["no-message-log"],
+        logConnections=not options["no-connection-log"],
         origins=options["origins"],
         trustedHops=options["trust-forwarded-for"],
         limits=limitsFromOptions(options),
