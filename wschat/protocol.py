@@ -249,6 +249,11 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
                 if self._unsent > self._maxQueue:
                     self._tooSlow()
                     return
+            w = self._writer
+            if w:
+                # The fast path, inlined: this line runs for every client on every message.
+                w.write(frame.payloadHybi)
+                return
             try:
                 self.sendPreparedFast(frame)
             except Disconnected:
