@@ -451,11 +451,18 @@ async def test_writer_leaves_a_queued_transport_to_twisted():
 
 @pytest.mark.parametrize(
     ("first", "kept"),
-    [(3, b"defgh"), (BlockingIOError(errno.EAGAIN, "full"), b"abcdefgh")],
+    [
+        (3, b"defgh"),
+        (BlockingIOError(errno.EAGAIN, "full"), b"abcdefgh"),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), b"abcdefgh"),
+    ],
 )
 @pytest_twisted.ensureDeferred
 async def test_writer_refused_bytes_wait_for_the_reactor(first, kept):
-    """A partial send or EAGAIN: the rest goes to transport.write, and so do later frames."""
+    """
+    A partial send, EAGAIN or another socket error: what the kernel did not take goes to
+    transport.write (whose own path meets any error), and so do later frames.
+    """
     pair = await tcpPair()
     clock = task.Clock()
     t = pair.server.transport
@@ -468,22 +475,6 @@ async def test_writer_refused_bytes_wait_for_the_reactor(first, kept):
         w.write(b"ij")
         assert t._tempDataBuffer == [kept, b"ij"]
         assert await pair.client.waitFor(10) == b"abcdefghij"
-    finally:
-        t.socket = t.socket.real
-        await pair.close()
-
-
-@pytest_twisted.ensureDeferred
-async def test_writer_socket_error_is_left_to_twisted():
-    """Any other send error hands the frame to transport.write, whose own path handles it."""
-    pair = await tcpPair()
-    t = pair.server.transport
-    t.socket = StubSocket(t.socket, ConnectionResetError(errno.ECONNRESET, "reset"))
-    w = fastwrite.DirectWriter(t, fastwrite.Turns(task.Clock()))
-    try:
-        w.write(b"retry")
-        assert t._tempDataBuffer == [b"retry"] and w.dirty
-        assert await pair.client.waitFor(5) == b"retry"
     finally:
         t.socket = t.socket.real
         await pair.close()
