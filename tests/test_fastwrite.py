@@ -199,47 +199,29 @@ async def test_queued_data_goes_behind_the_queue():
         await pair.close()
 
 
+#: How the first ``send`` misbehaves, how much of ``abcdefgh`` it takes, what must be queued.
+REFUSALS = [
+    (3, 3, b"defgh"),
+    (BlockingIOError(errno.EAGAIN, "full"), 0, b"abcdefgh"),
+    (ConnectionResetError(errno.ECONNRESET, "reset"), 0, b"abcdefgh"),
+]
+
+
+@pytest.mark.parametrize(("first", "sent", "kept"), REFUSALS)
 @pytest_twisted.ensureDeferred
-async def test_partial_send_queues_the_rest():
-    """When the kernel takes part of the frame, the rest goes to the transport, in order."""
+async def test_refused_bytes_go_to_the_transport(first, sent, kept):
+    """
+    A partial send, EAGAIN or another socket error: what the kernel did not take goes to
+    transport.write (whose own path meets any error), in order, and so does the next frame.
+    """
     pair = await tcpPair()
     try:
         t = pair.server.transport
-        t.socket = StubSocket(t.socket, 3)
-        assert fastwrite.write(t, b"abcdefgh") == 3
-        assert t._tempDataBuffer == [b"defgh"]
+        t.socket = StubSocket(t.socket, first)
+        assert fastwrite.write(t, b"abcdefgh") == sent
+        assert t._tempDataBuffer == [kept]
         assert fastwrite.write(t, b"ij") == 0
         assert await pair.client.waitFor(10) == b"abcdefghij"
-    finally:
-        t.socket = t.socket.real
-        await pair.close()
-
-
-@pytest_twisted.ensureDeferred
-async def test_eagain_queues_everything():
-    """When the kernel refuses (EAGAIN), the whole frame waits for the reactor."""
-    pair = await tcpPair()
-    try:
-        t = pair.server.transport
-        t.socket = StubSocket(t.socket, BlockingIOError(errno.EAGAIN, "full"))
-        assert fastwrite.write(t, b"refused") == 0
-        assert t._tempDataBuffer == [b"refused"]
-        assert await pair.client.waitFor(7) == b"refused"
-    finally:
-        t.socket = t.socket.real
-        await pair.close()
-
-
-@pytest_twisted.ensureDeferred
-async def test_socket_error_is_left_to_twisted():
-    """Any other send error hands the frame to transport.write, whose own path handles it."""
-    pair = await tcpPair()
-    try:
-        t = pair.server.transport
-        t.socket = StubSocket(t.socket, ConnectionResetError(errno.ECONNRESET, "reset"))
-        assert fastwrite.write(t, b"retry") == 0
-        assert t._tempDataBuffer == [b"retry"]
-        assert await pair.client.waitFor(5) == b"retry"
     finally:
         t.socket = t.socket.real
         await pair.close()
@@ -449,16 +431,9 @@ async def test_writer_leaves_a_queued_transport_to_twisted():
         await pair.close()
 
 
-@pytest.mark.parametrize(
-    ("first", "kept"),
-    [
-        (3, b"defgh"),
-        (BlockingIOError(errno.EAGAIN, "full"), b"abcdefgh"),
-        (ConnectionResetError(errno.ECONNRESET, "reset"), b"abcdefgh"),
-    ],
-)
+@pytest.mark.parametrize(("first", "sent", "kept"), REFUSALS)
 @pytest_twisted.ensureDeferred
-async def test_writer_refused_bytes_wait_for_the_reactor(first, kept):
+async def test_writer_refused_bytes_wait_for_the_reactor(first, sent, kept):
     """
     A partial send, EAGAIN or another socket error: what the kernel did not take goes to
     transport.write (whose own path meets any error), and so do later frames.
