@@ -5,7 +5,8 @@ with the kernel taken out (each connection's socket is a stub whose ``send`` is 
     python benchmarks/deliver_cost.py [--members 1000] [--rounds 200]
 
 Prints the best of five timings, in nanoseconds per delivery. The figure is a floor: in a
-running daemon the same code runs with cold caches between system calls.
+running daemon the same code runs with cold caches between system calls. It measures the
+wschat Python imports: the installed one, or this checkout with ``PYTHONPATH=.``.
 """
 
 from __future__ import annotations

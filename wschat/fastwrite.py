@@ -57,6 +57,27 @@ def canSendDirectly(transport: Any) -> bool:
         return False
 
 
+def sendOrQueue(send: Any, transport: Any, data: bytes) -> int:
+    """
+    Hand ``data`` to the kernel with ``send`` (the transport's ``socket.send``); what the
+    kernel does not take goes to ``transport.write``, behind it.
+
+    Returns how many bytes the kernel took. A partial send queues the remainder, EAGAIN all
+    of it; any other socket error (a reset, a broken pipe) queues it all too, so that Twisted
+    meets the error in its own ``doWrite`` and closes the connection its usual way.
+    """
+    try:
+        sent: int = send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        transport.write(data)
+        return 0
+    if sent < len(data):
+        transport.write(data[sent:])
+    return sent
+
+
 def write(transport: Any, data: bytes) -> int:
     """
     Write ``data`` to ``transport``, as much of it as the kernel takes straight away.
@@ -67,18 +88,7 @@ def write(transport: Any, data: bytes) -> int:
     if not canSendDirectly(transport):
         transport.write(data)
         return 0
-    try:
-        sent: int = transport.socket.send(data)
-    except (BlockingIOError, InterruptedError):
-        sent = 0
-    except OSError:
-        # A reset or broken pipe: Twisted's own write path notices it and closes the
-        # connection as it always does.
-        transport.write(data)
-        return 0
-    if sent < len(data):
-        transport.write(data[sent:])
-    return sent
+    return sendOrQueue(transport.socket.send, transport, data)
 
 
 class Turns:
@@ -183,19 +193,8 @@ class DirectWriter:
         self.turn = t.turn
         if not t.scheduled:
             t.schedule()
-        try:
-            sent = self._send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            # A reset or broken pipe: Twisted's own write path notices it and closes the
-            # connection as it always does.
+        if sendOrQueue(self._send, self.transport, data) != len(data):
             self.dirty = True
-            self.transport.write(data)
-            return
-        if sent != len(data):
-            self.dirty = True
-            self.transport.write(data[sent:])
 
     def flush(self) -> None:
         """Send the frames held, if any, in one write."""
@@ -253,11 +252,9 @@ class FastDelivery:
         if w:
             w.flush()
             w.wrote()
-            if sync or chopsize:
-                # Autobahn queues these sends itself; frames must queue behind them from
-                # now on, so this connection leaves the fast path for good.
-                self._writer = False
-        elif w is None and (sync or chopsize):
+        if sync or chopsize:
+            # Autobahn queues these sends itself; frames must queue behind them from now on,
+            # so this connection leaves the fast path for good.
             self._writer = False
         super().sendData(data, sync, chopsize)  # type: ignore[misc]
 
