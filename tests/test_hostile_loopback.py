@@ -103,24 +103,22 @@ async def test_never_reading_client_dropped_others_lose_nothing(daemon, gcEnable
     await closeAll(readers)
 
 
+@pytest.mark.parametrize(
+    ("request_", "status"),
+    [
+        # A plain HTTP request without Upgrade: an HTTP answer from the web side.
+        (b"GET /nowhere HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", b"404"),
+        # An Upgrade request that is no valid WebSocket handshake.
+        (b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\r\n", b"400"),
+    ],
+)
 @pytest_twisted.ensureDeferred
-async def test_plain_http_gets_an_http_answer(daemon):
-    """A plain HTTP request without Upgrade gets a proper HTTP response, never a hang."""
+async def test_non_websocket_requests_get_an_http_answer(daemon, request_, status):
+    """What is no WebSocket handshake gets a proper HTTP error, then the close; never a hang."""
     service, url = daemon()
-    request = b"GET /nowhere HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    client = await rawConnect(url, RawClient(request))
+    client = await rawConnect(url, RawClient(request_))
     await client.lost
-    assert client.received.startswith(b"HTTP/1.1 404 "), client.received
-
-
-@pytest_twisted.ensureDeferred
-async def test_broken_upgrade_gets_400(daemon):
-    """An Upgrade request that is no valid WebSocket handshake gets HTTP 400, then the close."""
-    service, url = daemon()
-    request = b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\r\n"
-    client = await rawConnect(url, RawClient(request))
-    await client.lost
-    assert client.received.startswith(b"HTTP/1.1 400 "), client.received
+    assert client.received.startswith(b"HTTP/1.1 " + status + b" "), client.received
 
 
 @pytest_twisted.ensureDeferred

@@ -134,26 +134,23 @@ async def test_allowed_origin_is_exact(daemon):
     assert status.startswith(b"HTTP/1.1 403 ")
 
 
+@pytest.mark.parametrize(
+    ("trust", "forwarded", "host"),
+    [
+        # Without --trust-forwarded-for, the header cannot change the sender's name.
+        ((), "203.0.113.7", "127.0.0.1"),
+        # With one trusted proxy, the last entry (IPv6 in brackets); the TCP port is kept.
+        (("--trust-forwarded-for", "1"), "198.51.100.9, 2001:db8::7", "[2001:db8::7]"),
+    ],
+)
 @pytest_twisted.ensureDeferred
-async def test_forwarded_for_ignored_by_default(daemon):
-    """Without --trust-forwarded-for, X-Forwarded-For cannot change the sender's name."""
-    service, url = daemon("--welcome", "")
-    client = await connect(url, headers={"X-Forwarded-For": "203.0.113.7"})
+async def test_forwarded_for_one_hop_or_none(daemon, trust, forwarded, host):
+    """The sender's name comes from X-Forwarded-For only as far as proxies are trusted."""
+    service, url = daemon("--welcome", "", *trust)
+    client = await connect(url, headers={"X-Forwarded-For": forwarded})
     client.sendText("hi")
     port = client.transport.getHost().port
-    assert await client.nextText() == f"127.0.0.1:{port}: hi"
-    client.sendClose(1000)
-    await client.closed
-
-
-@pytest_twisted.ensureDeferred
-async def test_forwarded_for_trusted(daemon):
-    """With one trusted proxy, the sender is the last X-Forwarded-For entry, TCP port kept."""
-    service, url = daemon("--welcome", "", "--trust-forwarded-for", "1")
-    client = await connect(url, headers={"X-Forwarded-For": "198.51.100.9, 2001:db8::7"})
-    client.sendText("hi")
-    port = client.transport.getHost().port
-    assert await client.nextText() == f"[2001:db8::7]:{port}: hi"
+    assert await client.nextText() == f"{host}:{port}: hi"
     client.sendClose(1000)
     await client.closed
 
