@@ -27,6 +27,13 @@ async def bench(*args: str) -> dict:
     return run
 
 
+#: A short closed-loop run: 20 clients, 2 messages in flight per sender, half a second.
+SHORT_RUN = (
+    "--clients", "20", "--inflight", "2", "--duration", "0.5", "--warmup", "0.1",
+    "--processes", "2",
+)  # fmt: skip
+
+
 @pytest_twisted.ensureDeferred
 async def test_throughput_run_loses_nothing(daemon):
     """A closed-loop run of a few hundred messages through the raw daemon: all arrive, in order."""
@@ -35,18 +42,9 @@ async def test_throughput_run_loses_nothing(daemon):
         "throughput",
         "--url",
         url,
-        "--clients",
-        "20",
+        *SHORT_RUN,
         "--senders",
         "3",
-        "--inflight",
-        "2",
-        "--duration",
-        "0.5",
-        "--warmup",
-        "0.1",
-        "--processes",
-        "2",
         "--pid",
         str(os.getpid()),
     )
@@ -113,18 +111,9 @@ async def test_spread_run_over_two_daemons_sharing_redis(daemon):
             "throughput",
             "--spread",
             *(arg for _, url in daemons for arg in ("--url", url)),
-            "--clients",
-            "20",
+            *SHORT_RUN,
             "--senders",
             "4",
-            "--inflight",
-            "2",
-            "--duration",
-            "0.5",
-            "--warmup",
-            "0.1",
-            "--processes",
-            "2",
             "--verify",
             "all",
         )
