@@ -14,7 +14,7 @@ from rawws import handshake
 from twisted.internet import defer, reactor, task
 
 from wschat.protocol import ChatServerProtocol
-from wschat.testing import QueueClientProtocol, RawClient, connect, rawConnect
+from wschat.testing import QueueClientProtocol, RawClient, closeAll, connect, rawConnect
 
 
 def spyOnOpens(service: Any) -> defer.DeferredQueue[ChatServerProtocol]:
@@ -41,13 +41,6 @@ def gcEnabled():
     """Garbage collection is on again after the test, whatever happened."""
     yield
     gc.enable()
-
-
-async def closeAll(clients: list[QueueClientProtocol]) -> None:
-    for c in clients:
-        c.sendClose(1000)
-    for c in clients:
-        await c.closed
 
 
 @pytest_twisted.ensureDeferred

@@ -30,11 +30,6 @@ WELCOME = "Welcome to chat! Type a message"
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
-def address(client) -> str:
-    host = client.transport.getHost()
-    return f"{host.host}:{host.port}"
-
-
 async def nextObject(client) -> dict:
     return json.loads(await client.nextText())
 
@@ -193,7 +188,7 @@ async def test_json_client_negotiates_and_gets_welcome(daemon):
     assert js.websocket_protocol_in_use == JSON_SUBPROTOCOL
     welcome = await nextObject(js)
     assert ISO.match(welcome.pop("time"))
-    assert welcome == {"type": "welcome", "you": address(js), "online": 2, "text": WELCOME}
+    assert welcome == {"type": "welcome", "you": js.address, "online": 2, "text": WELCOME}
 
 
 @pytest_twisted.ensureDeferred
@@ -216,14 +211,14 @@ async def test_plain_and_json_clients_share_messages(daemon):
     assert (await nextObject(js))["type"] == "join"
 
     plain.sendText("hi <b>there</b>")
-    assert await plain.nextText() == f"{address(plain)}: hi <b>there</b>"
+    assert await plain.nextText() == f"{plain.address}: hi <b>there</b>"
     message = await nextObject(js)
     assert ISO.match(message.pop("time"))
-    assert message == {"type": "message", "from": address(plain), "text": "hi <b>there</b>"}
+    assert message == {"type": "message", "from": plain.address, "text": "hi <b>there</b>"}
 
     js.sendText("from json")
-    assert await plain.nextText() == f"{address(js)}: from json"
-    assert (await nextObject(js))["from"] == address(js)
+    assert await plain.nextText() == f"{js.address}: from json"
+    assert (await nextObject(js))["from"] == js.address
 
 
 @pytest_twisted.ensureDeferred
@@ -235,12 +230,12 @@ async def test_join_and_leave_reach_json_clients_only(daemon):
     plain = await connect(url)
     assert await plain.nextText() == WELCOME
     joined = await nextObject(js)
-    assert (joined["type"], joined["who"], joined["online"]) == ("join", address(plain), 2)
+    assert (joined["type"], joined["who"], joined["online"]) == ("join", plain.address, 2)
 
     other = await connectJSON(url)
     assert (await nextObject(other))["online"] == 3
-    assert (await nextObject(js))["who"] == address(other)
-    otherAddress = address(other)
+    assert (await nextObject(js))["who"] == other.address
+    otherAddress = other.address
     other.sendClose(1000)
     await other.closed
     left = await nextObject(js)
@@ -248,7 +243,7 @@ async def test_join_and_leave_reach_json_clients_only(daemon):
 
     # The plain client's next message is a relayed one: no event came before it.
     js.sendText("after")
-    assert await plain.nextText() == f"{address(js)}: after"
+    assert await plain.nextText() == f"{js.address}: after"
 
 
 @pytest_twisted.ensureDeferred

@@ -22,8 +22,8 @@ from wschat.bus import (
 from wschat.protocol import DEFAULT_WELCOME
 from wschat.room import Room
 from wschat.tap import ChatService
-from wschat.testing import QueueClientProtocol, connect
-from wschat.testing_redis import RedisServer, freePort, waitFor
+from wschat.testing import QueueClientProtocol, bySender, closeAll, connect, freePort
+from wschat.testing_redis import RedisServer, waitFor
 from wschat.wire import Message
 
 REFUSAL = f"wschat: {REFUSED_DOWN}"
@@ -80,16 +80,6 @@ async def opened(url: str, count: int = 1) -> list[QueueClientProtocol]:
     return clients
 
 
-async def closeAll(clients: list[QueueClientProtocol]) -> None:
-    for c in clients:
-        c.sendClose(1000)
-        await c.closed
-
-
-def prefix(client: QueueClientProtocol) -> str:
-    return f"127.0.0.1:{client.transport.getHost().port}: "
-
-
 async def redisCommand(server: RedisServer, *args: str | bytes) -> Any:
     return (await redisCommands(server, args))[0]
 
@@ -136,12 +126,10 @@ async def test_three_daemons_one_room(redis, daemon):
     order = received[0]
     for other in received[1:]:
         assert other == order
-    # A sender is found by its text, not its prefix: Linux may give two clients of
-    # different daemons the same source port, so their prefixes can be equal.
-    for n, c in enumerate(clients):
-        sent = [f"m{n}.{i}" for i in range(perSender)]
-        mine = [line for line in order if line.split(": ", 1)[1] in sent]
-        assert mine == [prefix(c) + text for text in sent]
+    sent = [[f"m{n}.{i}" for i in range(perSender)] for n in range(len(clients))]
+    assert bySender(order, sent) == [
+        [f"{c.address}: {text}" for text in texts] for c, texts in zip(clients, sent, strict=True)
+    ]
     assert len(set(order)) == total
     assert sum(bus(s).published for s in services) == total
     assert [bus(s).received for s in services] == [total] * 3
@@ -157,7 +145,7 @@ async def test_redis_restarted(redis, daemon, logged):
     await allUp(a, b)
     ca, cb = await opened(urlA) + await opened(urlB)
     ca.sendText("before")
-    assert [await ca.nextText(), await cb.nextText()] == [prefix(ca) + "before"] * 2
+    assert [await ca.nextText(), await cb.nextText()] == [f"{ca.address}: before"] * 2
 
     await server.stop()
     await waitFor(lambda: not bus(a).available and not bus(b).available)
@@ -171,7 +159,7 @@ async def test_redis_restarted(redis, daemon, logged):
     assert any("Redis link up" in line and "1 messages refused" in line for line in logged)
     # The same connections, still open: "during" reached nobody, "after" reaches all.
     cb.sendText("after")
-    assert [await ca.nextText(), await cb.nextText()] == [prefix(cb) + "after"] * 2
+    assert [await ca.nextText(), await cb.nextText()] == [f"{cb.address}: after"] * 2
     assert not ca.closed.called and not cb.closed.called
     await closeAll([ca, cb])
 
@@ -189,7 +177,7 @@ async def test_redis_absent_at_start(redis, daemon, logged):
     await redis(port)
     await allUp(service)
     client.sendText("now")
-    assert await client.nextText() == prefix(client) + "now"
+    assert await client.nextText() == f"{client.address}: now"
     await closeAll([client])
 
 
@@ -207,7 +195,7 @@ async def test_garbage_on_channel(redis, daemon, logged):
     await redisCommand(server, "PUBLISH", "wschat", encodeEnvelope(foreign))
     ca.sendText("still here")
     for c in (ca, cb):
-        assert await c.texts(2) == ["192.0.2.7:4242: from elsewhere", prefix(ca) + "still here"]
+        assert await c.texts(2) == ["192.0.2.7:4242: from elsewhere", f"{ca.address}: still here"]
     assert [bus(s).malformed for s in (a, b)] == [len(garbage)] * 2
     assert sum("malformed envelope" in line for line in logged) == 2 * len(garbage)
     await closeAll([ca, cb])
@@ -222,7 +210,7 @@ async def test_daemon_leaves_and_rejoins(redis, daemon):
     assert await redisCommand(server, "PUBSUB", "NUMSUB", "wschat") == [b"wschat", 2]
     ca, cb = await opened(urlA) + await opened(urlB)
     cb.sendText("bye")
-    assert await ca.nextText() == prefix(cb) + "bye"
+    assert await ca.nextText() == f"{cb.address}: bye"
     await closeAll([cb])
 
     await b.stopService()
@@ -231,13 +219,13 @@ async def test_daemon_leaves_and_rejoins(redis, daemon):
     clients = await redisCommand(server, "CLIENT", "LIST")
     assert clients.count(b"\n") == 3
     ca.sendText("alone")
-    assert await ca.nextText() == prefix(ca) + "alone"
+    assert await ca.nextText() == f"{ca.address}: alone"
 
     c, urlC = daemon("--redis", server.url)
     await allUp(c)
     [cc] = await opened(urlC)
     cc.sendText("back")
-    assert [await ca.nextText(), await cc.nextText()] == [prefix(cc) + "back"] * 2
+    assert [await ca.nextText(), await cc.nextText()] == [f"{cc.address}: back"] * 2
     await closeAll([ca, cc])
 
 
@@ -251,7 +239,7 @@ async def test_password(redis, daemon, logged):
     await allUp(good)
     [client] = await opened(url)
     client.sendText("authenticated")
-    assert await client.nextText() == prefix(client) + "authenticated"
+    assert await client.nextText() == f"{client.address}: authenticated"
     await waitFor(lambda: sum("refused this daemon" in line for line in logged) == 2)
     assert any("WRONGPASS" in line for line in logged)
     assert any("NOAUTH" in line for line in logged)
@@ -274,8 +262,8 @@ async def test_channels_are_separate_rooms(redis, daemon):
     ca, cb = await opened(urlA) + await opened(urlB)
     ca.sendText("in one")
     cb.sendText("in two")
-    assert await ca.nextText() == prefix(ca) + "in one"
-    assert await cb.nextText() == prefix(cb) + "in two"
+    assert await ca.nextText() == f"{ca.address}: in one"
+    assert await cb.nextText() == f"{cb.address}: in two"
     assert (bus(a).received, bus(b).received) == (1, 1)
     await closeAll([ca, cb])
 
@@ -297,7 +285,7 @@ async def test_publish_lost_in_flight(redis, daemon):
     assert await client.nextText() == f"wschat: {REFUSED_LOST}"
     await allUp(service)
     client.sendText("again")
-    assert await client.nextText() == prefix(client) + "again"
+    assert await client.nextText() == f"{client.address}: again"
     assert bus(service).refused == 1
     await closeAll([client])
 
@@ -317,7 +305,7 @@ async def test_publish_reaches_no_daemon(redis, daemon):
     assert await client.nextText() == f"wschat: {REFUSED_NO_ROOM}"
     await allUp(service)
     client.sendText("again")
-    assert await client.nextText() == prefix(client) + "again"
+    assert await client.nextText() == f"{client.address}: again"
     await closeAll([client])
 
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest_twisted
-from twisted.internet import defer
 
-from wschat.testing import connect
+from wschat.testing import bySender, closeAll, connect
 
 WELCOME = "Welcome to chat! Type a message"
 
@@ -18,17 +17,6 @@ async def join(url: str, count: int, greeted: bool = True) -> list:
     return clients
 
 
-def address(client) -> str:
-    host = client.transport.getHost()
-    return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
-
-
-async def closeAll(clients) -> None:
-    for c in clients:
-        c.sendClose(1000)
-    await defer.gatherResults([c.closed for c in clients])
-
-
 @pytest_twisted.ensureDeferred
 async def test_every_client_receives_every_message(daemon):
     """A message from one client reaches all, the sender included, prefixed with its address."""
@@ -36,7 +24,7 @@ async def test_every_client_receives_every_message(daemon):
     clients = await join(url, 3)
     clients[1].sendText("hello")
     for c in clients:
-        assert await c.nextText() == f"{address(clients[1])}: hello"
+        assert await c.nextText() == f"{clients[1].address}: hello"
     await closeAll(clients)
 
 
@@ -52,9 +40,10 @@ async def test_one_order_and_per_sender_fifo(daemon):
     total = perSender * len(clients)
     seen = [await c.texts(total) for c in clients]
     assert all(s == seen[0] for s in seen), "clients saw different orders"
-    for n, c in enumerate(clients):
-        mine = [t.split(": ", 1)[1] for t in seen[0] if t.startswith(address(c) + ": ")]
-        assert mine == [f"{n}-{i}" for i in range(perSender)]
+    sent = [[f"{n}-{i}" for i in range(perSender)] for n in range(len(clients))]
+    assert bySender(seen[0], sent) == [
+        [f"{c.address}: {text}" for text in texts] for c, texts in zip(clients, sent, strict=True)
+    ]
     await closeAll(clients)
 
 
@@ -66,7 +55,7 @@ async def test_ipv6_prefix(daemon):
     (client,) = await join(f"ws://[::1]:{port}", 1)
     client.sendText("hi")
     assert await client.nextText() == f"[::1]:{client.transport.getHost().port}: hi"
-    assert address(client).startswith("[::1]:")
+    assert client.address.startswith("[::1]:")
     await closeAll([client])
 
 
@@ -97,7 +86,7 @@ async def test_binary_refused_in_prefixed_format(daemon):
     assert code == 1003
     assert "binary" in reason
     other.sendText("still here")
-    assert await other.nextText() == f"{address(other)}: still here"
+    assert await other.nextText() == f"{other.address}: still here"
     assert binary.messages.pending == []
     await closeAll([other])
 

@@ -2,7 +2,8 @@
 Test doubles and loopback helpers, shipped so that users' tests and ours share them.
 
 - :func:`startDaemon` runs the daemon's real service tree in-process on a free port.
-- :func:`connect` opens a real WebSocket client over loopback that queues what it receives.
+- :func:`connect` opens a real WebSocket client over loopback that queues what it receives;
+  :func:`closeAll` closes several, :func:`bySender` splits what one saw by sender.
 - :func:`spawn` runs a real command (`twistd`, the client) whose output a test waits on.
 - :class:`MemoryRoom` is a server factory on a fake clock with in-memory clients.
 - :class:`RawClient`, :func:`rawConnect` and :func:`rawExchange` send bytes by hand over TCP.
@@ -37,7 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import defer, endpoints, ssl
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -80,6 +81,14 @@ class QueueClientProtocol(WebSocketClientProtocol):
 
     async def texts(self, count: int) -> list[str]:
         return [await self.nextText() for _ in range(count)]
+
+    @property
+    def address(self) -> str:
+        """This client as the daemon names it in the prefix: ``ip:port`` or ``[ipv6]:port``."""
+        assert self.transport is not None
+        host = self.transport.getHost()
+        assert isinstance(host, IPv4Address | IPv6Address), host
+        return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
 
 
 class QueueClientFactory(WebSocketClientFactory):
@@ -409,6 +418,27 @@ class MemoryRoom:
         # A frame received can cause frames sent (a broadcast, a close reply): pump until quiet.
         while any(pump.pump() for pump in self.pumps):
             pass
+
+
+async def closeAll(clients: Sequence[QueueClientProtocol]) -> None:
+    """Close every client cleanly (1000) and wait until each is closed."""
+    for c in clients:
+        c.sendClose(1000)
+    await defer.gatherResults([c.closed for c in clients])
+
+
+def bySender(order: Sequence[str], sent: Sequence[Sequence[str]]) -> list[list[str]]:
+    """
+    Split the prefixed lines one client saw into each sender's, in the order seen.
+
+    Senders are told apart by what they sent (``sent[n]`` is sender n's texts, all distinct),
+    not by their prefix: clients of different daemons may share a source port.
+    """
+    senderOf = {text: n for n, texts in enumerate(sent) for text in texts}
+    lines: list[list[str]] = [[] for _ in sent]
+    for line in order:
+        lines[senderOf[line.split(": ", 1)[1]]].append(line)
+    return lines
 
 
 def received(client: QueueClientProtocol) -> list[tuple[bytes, bool]]:

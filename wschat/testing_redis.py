@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable
 
@@ -18,13 +17,7 @@ from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IProcessTransport
 from twisted.python.failure import Failure
 
-
-def freePort(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+from wschat.testing import freePort
 
 
 async def waitFor(
