@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
+from rawws import handshake
 from twisted.internet import defer, protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from wschat.closing import MAX_REASON_BYTES, closeAll, closeWith
 from wschat.protocol import ChatServerFactory
-from wschat.testing import memoryConnection
+from wschat.testing import RawClient, memoryConnection
 
 
 class RecordingClient(WebSocketClientProtocol):
@@ -96,20 +97,6 @@ class SendCloseCodeTests(SynchronousTestCase):
         self.assertEqual(connection.sent, [(1000, "bye")])
 
 
-HANDSHAKE = (
-    b"GET / HTTP/1.1\r\nHost: 127.0.0.1:2000\r\nUpgrade: websocket\r\n"
-    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-    b"Sec-WebSocket-Version: 13\r\n\r\n"
-)
-
-
-class RawClient(protocol.Protocol):
-    received = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-
 class FakeConnection:
     def __init__(self) -> None:
         self.asked = 0
@@ -176,7 +163,7 @@ class GoAwayTests(SynchronousTestCase):
         self.successResultOf(done)
         late, raw, latePump = memoryConnection(factory, protocol.Factory.forProtocol(RawClient))
         lateTransport = late.transport
-        raw.transport.write(HANDSHAKE)
+        raw.transport.write(handshake())
         latePump.flush()
         self.assertTrue(raw.received.startswith(b"HTTP/1.1 503 server shutting down\r\n"))
         self.assertTrue(lateTransport.disconnected)

@@ -18,6 +18,7 @@ from collections import Counter
 
 import pytest
 import pytest_twisted
+from rawws import OP_TEXT, frame, handshake
 from twisted.internet import reactor, utils
 
 from wschat.testing import listeningPort, rawExchange, spawnTwistd
@@ -114,23 +115,9 @@ async def test_autobahn_testsuite(tmp_path, extraArgs, compression, selection):
         assert not any(r["behavior"] == "UNIMPLEMENTED" for r in results.values())
 
 
-def clientFrame(opcode: int, payload: bytes, rsv: int = 0) -> bytes:
-    """One final, masked client frame (payload under 126 bytes)."""
-    mask = b"\x01\x02\x03\x04"
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return bytes([0x80 | rsv << 4 | opcode, 0x80 | len(payload)]) + mask + masked
-
-
-HANDSHAKE = (
-    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
-
-
-async def exchange(port: int, data: bytes) -> tuple[bytes, bytes]:
+async def exchange(url: str, data: bytes) -> tuple[bytes, bytes]:
     """Send ``data`` raw; return the response head and the frames that came until the close."""
-    received = await rawExchange(f"ws://127.0.0.1:{port}", data)
-    head, _, frames = received.partition(b"\r\n\r\n")
+    head, _, frames = (await rawExchange(url, data)).partition(b"\r\n\r\n")
     return head, frames
 
 
@@ -141,9 +128,8 @@ async def test_protocol_error_after_message(daemon):
     then a close 1002, not a bare TCP drop that loses the relay.
     """
     service, url = daemon("--format", "raw", "--welcome", "")
-    port = service.ports[0].getHost().port
-    data = HANDSHAKE + clientFrame(0x1, b"Hello") + clientFrame(0x1, b"bad", rsv=2)
-    head, frames = await exchange(port, data)
+    data = handshake() + frame(OP_TEXT, b"Hello") + frame(OP_TEXT, b"bad", rsv=2)
+    head, frames = await exchange(url, data)
     assert head.startswith(b"HTTP/1.1 101 ")
     assert frames[:7] == b"\x81\x05Hello"
     close = frames[7:]
@@ -154,7 +140,6 @@ async def test_protocol_error_after_message(daemon):
 async def test_invalid_utf8_closes_1007(daemon):
     """Invalid UTF-8 in a text message gets a close frame 1007, not a bare TCP drop."""
     service, url = daemon("--format", "raw", "--welcome", "")
-    port = service.ports[0].getHost().port
-    head, frames = await exchange(port, HANDSHAKE + clientFrame(0x1, b"\xce\xba\xff"))
+    head, frames = await exchange(url, handshake() + frame(OP_TEXT, b"\xce\xba\xff"))
     assert head.startswith(b"HTTP/1.1 101 ")
     assert frames[:1] == b"\x88" and frames[2:4] == b"\x03\xef", frames  # 1007

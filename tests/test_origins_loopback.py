@@ -4,50 +4,17 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, endpoints, protocol, reactor
+from rawws import OP_CLOSE, OP_TEXT, frame, handshake
 
 from wschat.testing import RawClient, connect, rawConnect
 
 
-class RawHTTP(protocol.Protocol):
-    """Sends one handshake request by hand and keeps the response's head."""
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.data = b""
-        self.head: defer.Deferred[bytes] = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        if b"\r\n\r\n" in self.data and not self.head.called:
-            self.head.callback(self.data.split(b"\r\n\r\n")[0])
-            self.transport.loseConnection()
-
-    def connectionLost(self, reason=None) -> None:
-        if not self.head.called:
-            self.head.errback(ConnectionError(f"closed before a response: {self.data!r}"))
-
-
 async def handshakeStatus(url: str, **headers: str) -> bytes:
     """The status line the daemon answers a handshake carrying ``headers`` with."""
-    hostport = url.split("//")[1]
-    host, port = hostport.rsplit(":", 1)
-    lines = [
-        "GET / HTTP/1.1",
-        f"Host: {hostport}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-        "Sec-WebSocket-Version: 13",
-        *(f"{name.replace('_', '-')}: {value}" for name, value in headers.items()),
-    ]
-    raw = RawHTTP(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-    endpoint = endpoints.TCP4ClientEndpoint(reactor, host, int(port))
-    await endpoints.connectProtocol(endpoint, raw)
-    head = await raw.head
+    extra = (f"{name.replace('_', '-')}: {value}" for name, value in headers.items())
+    raw = await rawConnect(url, RawClient(handshake(*extra, host=url.split("//")[1])))
+    head = await raw.until(lambda data: b"\r\n\r\n" in data)
+    raw.transport.loseConnection()
     return head.split(b"\r\n")[0]
 
 
@@ -177,14 +144,11 @@ async def test_forwarded_for_two_hops(daemon):
 async def test_forwarded_for_several_headers(daemon):
     """Several X-Forwarded-For headers are one list, in order, as HTTP says."""
     service, url = daemon("--welcome", "", "--trust-forwarded-for", "2")
-    mask = b"\x00\x00\x00\x00"
-    request = (
-        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-        b"X-Forwarded-For: 198.51.100.1, 203.0.113.7\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n"
+    request = handshake(
+        "X-Forwarded-For: 198.51.100.1, 203.0.113.7", "X-Forwarded-For: 10.0.0.1", host="127.0.0.1"
     )
-    text = b"\x81\x82" + mask + b"hi"
-    close = b"\x88\x82" + mask + b"\x03\xe8"
+    text = frame(OP_TEXT, b"hi")
+    close = frame(OP_CLOSE, b"\x03\xe8")
     raw = await rawConnect(url, RawClient(request + text + close))
     sourcePort = raw.transport.getHost().port
     head, _, frames = (await raw.lost).partition(b"\r\n\r\n")

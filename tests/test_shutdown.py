@@ -7,54 +7,22 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, endpoints, error, protocol, reactor
+from rawws import OP_CLOSE, handshake
+from twisted.internet import defer, error, reactor
 from twisted.internet.task import Clock
 
+from wschat.bench.frames import serverFrame
 from wschat.client import ChatClientFactory, ChatSession
-from wschat.testing import connect, listeningPort, spawnTwistd
+from wschat.testing import RawClient, connect, listeningPort, rawConnect, spawnTwistd
 
 GOING_AWAY = (1001, "server shutting down")
 
-HANDSHAKE = (
-    "GET / HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
+#: The close frame a client gets at shutdown: 1001 and the reason, unmasked.
+GOING_AWAY_FRAME = serverFrame(b"\x03\xe9server shutting down", OP_CLOSE)
 
 
-class RawClient(protocol.Protocol):
-    """A TCP client that speaks the handshake by hand, then only listens: it never answers."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.responded: defer.Deferred[bytes] = defer.Deferred()
-        self.closeFrame: defer.Deferred[bytes] = defer.Deferred()
-        self.lost: defer.Deferred[None] = defer.Deferred()
-
-    def handshake(self, host: str) -> None:
-        self.transport.write(HANDSHAKE.format(host=host).encode("ascii"))
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        head, sep, frames = self.data.partition(b"\r\n\r\n")
-        if sep and not self.responded.called:
-            self.responded.callback(head.split(b"\r\n")[0])
-        # A server frame is unmasked: 0x88 (FIN + close), length, 2-byte code, reason.
-        if (
-            sep
-            and frames[:1] == b"\x88"
-            and len(frames) >= 2 + frames[1]
-            and not self.closeFrame.called
-        ):
-            self.closeFrame.callback(frames[2 : 2 + frames[1]])
-
-    def connectionLost(self, reason=None) -> None:
-        self.lost.callback(None)
-
-
-async def rawConnect(url: str) -> RawClient:
-    host, port = url.split("//")[1].rsplit(":", 1)
-    endpoint = endpoints.TCP4ClientEndpoint(reactor, host, int(port))
-    return await endpoints.connectProtocol(endpoint, RawClient())
+def handshakeFor(url: str) -> bytes:
+    return handshake(host=url.split("//")[1])
 
 
 @pytest_twisted.ensureDeferred
@@ -76,18 +44,17 @@ async def test_stop_listens_no_more(daemon):
     service, url = daemon()
     await service.stopService()
     with pytest.raises(error.ConnectionRefusedError):
-        await rawConnect(url)
+        await rawConnect(url, RawClient())
 
 
 @pytest_twisted.ensureDeferred
 async def test_late_handshake_gets_503(daemon):
     """A connection made before the stop whose handshake comes after it gets HTTP 503."""
     service, url = daemon("--welcome", "")
-    raw = await rawConnect(url)
+    raw = await rawConnect(url, RawClient())
     await service.stopService()
-    raw.handshake(url.split("//")[1])
-    assert await raw.responded == b"HTTP/1.1 503 server shutting down"
-    await raw.lost
+    raw.transport.write(handshakeFor(url))
+    assert (await raw.lost).startswith(b"HTTP/1.1 503 server shutting down\r\n")
 
 
 @pytest_twisted.ensureDeferred
@@ -97,13 +64,12 @@ async def test_silent_client_dropped_at_timeout(daemon):
     service.clock = clock = Clock()
     # Autobahn's own close-handshake timeout must not be what drops it.
     service.factory.setProtocolOptions(closeHandshakeTimeout=0, allowNullOrigin=True)
-    raw = await rawConnect(url)
-    raw.handshake(url.split("//")[1])
-    assert (await raw.responded).startswith(b"HTTP/1.1 101 ")
+    raw = await rawConnect(url, RawClient(handshakeFor(url)))
+    assert (await raw.until(lambda data: b"\r\n\r\n" in data)).startswith(b"HTTP/1.1 101 ")
     polite = await connect(url)
     stopped = []
     service.stopService().addCallback(stopped.append)
-    assert await raw.closeFrame == b"\x03\xe9server shutting down"  # 1001
+    await raw.until(lambda data: data.endswith(b"\r\n\r\n" + GOING_AWAY_FRAME))
     assert await polite.closed == GOING_AWAY
     clock.advance(6.9)
     assert not stopped and not raw.lost.called

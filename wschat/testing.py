@@ -23,7 +23,7 @@ import re
 import shutil
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -468,7 +468,8 @@ async def listeningPort(child: ProcessWatcher) -> int:
 class RawClient(Protocol):
     """
     A TCP client that writes bytes by hand (what no well-behaved client would send) and keeps
-    everything it receives; ``lost`` fires with all of it when the connection closes.
+    everything it receives; ``lost`` fires with all of it when the connection closes, and
+    ``until(condition)`` once what it has received so far meets ``condition``.
 
     With ``read=False`` it never reads: the smallest receive window, and reading paused.
     """
@@ -478,6 +479,16 @@ class RawClient(Protocol):
         self.read = read
         self.received = b""
         self.lost: defer.Deferred[bytes] = defer.Deferred()
+        self._waiting: list[tuple[Callable[[bytes], bool], defer.Deferred[bytes]]] = []
+
+    def until(self, condition: Callable[[bytes], bool]) -> defer.Deferred[bytes]:
+        """Fires with all received so far once ``condition`` holds; fails if it closes first."""
+        d: defer.Deferred[bytes] = defer.Deferred()
+        if condition(self.received):
+            d.callback(self.received)
+        else:
+            self._waiting.append((condition, d))
+        return d
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -491,8 +502,17 @@ class RawClient(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
+        waiting, self._waiting = self._waiting, []
+        for condition, d in waiting:
+            if condition(self.received):
+                d.callback(self.received)
+            else:
+                self._waiting.append((condition, d))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        waiting, self._waiting = self._waiting, []
+        for _, d in waiting:
+            d.errback(AssertionError(f"connection closed first; received {self.received!r}"))
         self.lost.callback(self.received)
 
 
