@@ -119,6 +119,17 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
     def stopProducing(self) -> None:
         pass
 
+    def _overQueue(self, size: int) -> bool:
+        """
+        Count ``size`` more bytes handed to the full transport; past ``--max-queue``, close
+        this client (1008) and say so.
+        """
+        self._unsent += size
+        if self._unsent > self._maxQueue:
+            self._tooSlow()
+            return True
+        return False
+
     def _tooSlow(self) -> None:
         self._log.info(
             "Closing {peer}: more than {limit} bytes waiting to be sent",
@@ -214,11 +225,8 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
 
     def onPing(self, payload: bytes) -> None:
         # A client that sends pings but reads nothing must not grow its queue of pongs.
-        if self._paused:
-            self._unsent += len(payload) + 2
-            if self._unsent > self._maxQueue:
-                self._tooSlow()
-                return
+        if self._paused and self._overQueue(len(payload) + 2):
+            return
         super().onPing(payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -244,11 +252,8 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         # close frame would break the closing handshake.
         if self.state == _OPEN:
             # The hot path: one attribute test while the client keeps up.
-            if self._paused:
-                self._unsent += len(frame.payloadHybi)
-                if self._unsent > self._maxQueue:
-                    self._tooSlow()
-                    return
+            if self._paused and self._overQueue(len(frame.payloadHybi)):
+                return
             w = self._writer
             if w:
                 # The fast path, inlined: this line runs for every client on every message.
