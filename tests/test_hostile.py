@@ -145,6 +145,29 @@ class SlowReaderTests(ClockedTestCase):
         self.assertEqual(len(pongs), 7)  # 7 * 127 = 889 <= 1000 < 8 * 127
         self.assertEqual(peer.closeFrame()[0], 1008)  # type: ignore[index]
 
+    def test_refusal_notices_count_while_paused(self) -> None:
+        """A client that sends but never reads is closed once the notices it is owed pass it."""
+        factory = self.factory(maxQueue=1000)
+        factory.bus = RefusingBus()
+        peer = RawPeer(factory).open()
+        peer.protocol.pauseProducing()
+        for _ in range(100):
+            peer.sendText(b"hi")
+        notice = b"wschat: " + RefusingBus.reason
+        self.assertEqual(peer.texts(), [notice] * 71)  # 71 * 14 = 994 <= 1000 < 72 * 14
+        self.assertEqual(peer.closeFrame()[0], 1008)  # type: ignore[index]
+
+
+class RefusingBus:
+    """A bus whose link is down: every message is refused, its sender told."""
+
+    reason = b"down"
+    published = refused = 0
+
+    def publish(self, message: Any, origin: Any) -> None:
+        self.refused += 1
+        origin.refused(self.reason.decode())
+
 
 class SizeTests(ClockedTestCase):
     """--max-message-size bounds frames and reassembled messages: 1009."""

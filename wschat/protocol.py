@@ -273,9 +273,13 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         factory.metrics.messageRefused("relay unavailable")
         if self.state == WebSocketProtocol.STATE_OPEN:
             if self.format is Format.JSON:
-                self.sendMessage(jsonNotice(reason, factory.reactor.seconds()))
+                notice = jsonNotice(reason, factory.reactor.seconds())
             else:
-                self.sendMessage(b"wschat: " + reason.encode("utf-8"))
+                notice = b"wschat: " + reason.encode("utf-8")
+            # A client that sends but never reads must not grow its queue of notices either.
+            if self._paused and self._overQueue(len(notice) + 2):
+                return
+            self.sendMessage(notice)
 
     def goAway(self) -> Deferred[None]:
         """
