@@ -92,6 +92,18 @@ class DispatcherTests(SynchronousTestCase):
         self.assertEqual(inner.received, UPGRADE + b"\x81\x80framemore")
         self.assertEqual(site.built, [])
 
+    def test_head_found_wherever_the_reads_split_it(self) -> None:
+        """Read in two pieces split anywhere, or a byte at a time, the head is found at its end."""
+        pieces = [[UPGRADE[:k], UPGRADE[k:]] for k in range(1, len(UPGRADE))]
+        for reads in [*pieces, [UPGRADE[i : i + 1] for i in range(len(UPGRADE))]]:
+            dispatcher, websocket, _, _, _ = connection()
+            for data in reads[:-1]:
+                dispatcher.dataReceived(data)
+            self.assertEqual(websocket.built, [])
+            dispatcher.dataReceived(reads[-1])
+            (inner,) = websocket.built
+            self.assertEqual(inner.received, UPGRADE)
+
     def test_plain_http_goes_to_the_site(self) -> None:
         """A request without Upgrade goes to the web site, with its bytes."""
         dispatcher, websocket, site, _, _ = connection()

@@ -102,7 +102,8 @@ class Dispatcher(Protocol):
 
     def __init__(self, addr: IAddress) -> None:
         self._addr = addr
-        self._head = b""
+        # The head so far, when it came in several pieces.
+        self._head = bytearray()
 
     def connectionMade(self) -> None:
         timeout = self.factory.headTimeout()
@@ -115,12 +116,16 @@ class Dispatcher(Protocol):
             return
         if self._refused:
             return
-        head = self._head + data
-        end = head.find(b"\r\n\r\n")
-        if end < 0 and len(head) < MAX_HEAD:
-            self._head = head
+        buffered = self._head
+        # Search only what is new (and the 3 bytes before it): a head sent a byte at a time
+        # costs linear time, not quadratic.
+        start = max(len(buffered) - 3, 0)
+        buffered += data
+        end = buffered.find(b"\r\n\r\n", start)
+        if end < 0 and len(buffered) < MAX_HEAD:
             return
-        self._head = b""
+        head = bytes(buffered)
+        self._head = bytearray()
         self.factory.deadlines.discard(self)
         assert self.transport is not None
         if end < 0 or end > MAX_HEAD:
