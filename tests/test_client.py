@@ -7,11 +7,12 @@ from typing import Any
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from wschat.client import ChatClientFactory, ChatSession, Options
+from wschat.client import ChatClientFactory, ChatSession, Options, StdinLines
 
 
 class FakeConnection:
@@ -165,6 +166,73 @@ class SessionTests(SynchronousTestCase):
         session, factory, _, _ = makeSession()
         self.successResultOf(session.close())
         self.assertFalse(factory.continueTrying)
+
+
+class InputSession:
+    """Stands in for the ChatSession behind StdinLines: records what the input gives it."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.statuses: list[str] = []
+        self.ended = False
+
+    def attachInput(self, lines: StdinLines) -> None:
+        pass
+
+    def send(self, text: str) -> None:
+        self.lines.append(text)
+
+    def status(self, text: str) -> None:
+        self.statuses.append(text)
+
+    def inputEnded(self) -> None:
+        self.ended = True
+
+
+def stdinLines(session: InputSession, *chunks: bytes, end: bool = False) -> StdinLines:
+    """Standard input with a 10-byte line limit, fed ``chunks`` (then closed if ``end``)."""
+    lines = StdinLines(session)  # type: ignore[arg-type]
+    lines.MAX_LENGTH = 10
+    lines.makeConnection(StringTransport())
+    for chunk in chunks:
+        lines.dataReceived(chunk)
+        assert len(lines._buffer) <= lines.MAX_LENGTH
+    if end:
+        lines.readConnectionLost()
+    return lines
+
+
+class StdinLinesTests(SynchronousTestCase):
+    TOO_LONG = "input line longer than 10 bytes ignored"
+
+    def test_lines_and_last_line_without_newline(self) -> None:
+        """Lines end with LF or CRLF; at end of input an unfinished last line is still sent."""
+        session = InputSession()
+        stdinLines(session, b"one\r\ntw", b"o\nthree", end=True)
+        self.assertEqual(session.lines, ["one", "two", "three"])
+        self.assertTrue(session.ended)
+
+    def test_long_line_skipped_lines_behind_it_read(self) -> None:
+        """A line over the limit is skipped, the user told; the lines after it still go out."""
+        session = InputSession()
+        stdinLines(session, b"x" * 11 + b"\nok1\nok2\n")
+        self.assertEqual(session.lines, ["ok1", "ok2"])
+        self.assertEqual(session.statuses, [self.TOO_LONG])
+
+    def test_long_line_in_pieces_skipped_once(self) -> None:
+        """A long line arriving in pieces is not buffered past the limit and is reported once."""
+        session = InputSession()
+        stdinLines(session, b"x" * 6, b"x" * 6, b"x" * 6, b"x\nok\n")
+        self.assertEqual(session.lines, ["ok"])
+        self.assertEqual(session.statuses, [self.TOO_LONG])
+
+    def test_long_last_line_not_sent_at_end(self) -> None:
+        """An over-long line cut off by the end of input is not sent either."""
+        session = InputSession()
+        stdinLines(session, b"ok\n" + b"x" * 11, b"xx", end=True)
+        self.assertEqual(session.lines, ["ok"])
+        self.assertEqual(session.statuses, [self.TOO_LONG])
+        self.assertTrue(session.ended)
 
 
 class BackoffTests(SynchronousTestCase):

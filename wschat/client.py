@@ -26,8 +26,7 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IReactorTime,
 )
-from twisted.internet.protocol import ReconnectingClientFactory, connectionDone
-from twisted.protocols.basic import LineOnlyReceiver
+from twisted.internet.protocol import Protocol, ReconnectingClientFactory, connectionDone
 from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -108,11 +107,19 @@ class ChatClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
 
 
 @implementer(IHalfCloseableProtocol)
-class StdinLines(LineOnlyReceiver):
-    """Standard input, read line by line; standard output, written by the session."""
+class StdinLines(Protocol):
+    """
+    Standard input, read line by line; standard output, written by the session.
 
-    delimiter = b"\n"
+    A line longer than ``MAX_LENGTH`` is skipped whole, the user told once, and the lines after
+    it are read as usual. (Twisted's ``LineOnlyReceiver`` expects to drop the connection at
+    such a line: it stops reading the lines behind it and keeps buffering the rest of it.)
+    """
+
     MAX_LENGTH = 1 << 20
+    _buffer = b""
+    # The rest of an over-long line is still coming: drop it up to its newline.
+    _skipping = False
 
     def __init__(self, session: ChatSession) -> None:
         self.session = session
@@ -120,17 +127,32 @@ class StdinLines(LineOnlyReceiver):
     def connectionMade(self) -> None:
         self.session.attachInput(self)
 
+    def dataReceived(self, data: bytes) -> None:
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        for line in lines:
+            if self._skipping:
+                self._skipping = False
+            elif len(line) > self.MAX_LENGTH:
+                self._tooLong()
+            else:
+                self.lineReceived(line)
+        if len(self._buffer) > self.MAX_LENGTH:
+            self._buffer = b""
+            if not self._skipping:
+                self._skipping = True
+                self._tooLong()
+
     def lineReceived(self, line: bytes) -> None:
         self.session.send(line.rstrip(b"\r").decode("utf-8", "replace"))
 
-    def lineLengthExceeded(self, line: bytes) -> None:
+    def _tooLong(self) -> None:
         self.session.status(f"input line longer than {self.MAX_LENGTH} bytes ignored")
 
     def readConnectionLost(self) -> None:
-        if self._buffer:
+        if self._buffer and not self._skipping:
             # The last line had no newline; it is still a line the user typed.
             self.lineReceived(self._buffer)
-            self._buffer = b""
+        self._buffer = b""
         self.session.inputEnded()
 
     def writeConnectionLost(self) -> None:
@@ -294,7 +316,7 @@ class Options(usage.Options):
     optParameters: list[list[Any]] = [
         ["url", "u", None, f"WebSocket URL of the room (ws:// or wss://; default {DEFAULT_URL})."],
         ["port", "p", None, "Shortcut for --url ws://127.0.0.1:PORT.", int],
-        ["max-retries", None, None, "Give up (exit 1) after this many failed attempts.", int],
+        ["max-retries", None, None, "Give up (exit 1) after this many retries in a row.", int],
         ["queue-size", None, 1000, "Lines kept while disconnected before input pauses.", int],
         ["ca-file", None, None, "PEM file of the CA that signs the server's certificate (wss)."],
     ]
