@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer
+from twisted.logger import formatEvent, globalLogPublisher
 
 from wschat.tap import ChatService
 from wschat.testing import ProcessWatcher, spawn, startDaemon
@@ -44,3 +46,16 @@ def processes(tmp_path):
     for watcher in running:
         if not watcher.ended.called:
             pytest_twisted.blockon(defer.ensureDeferred(watcher.kill()))
+
+
+@pytest.fixture
+def logged():
+    """Every log event emitted during the test, as formatted text."""
+    events: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        events.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)

@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-import pytest
 import pytest_twisted
 import txredisapi
-from twisted.logger import globalLogPublisher
 
 from wschat.bus import (
     REFUSED_DOWN,
@@ -44,21 +42,6 @@ async def redis() -> AsyncIterator[Callable[..., Coroutine[Any, Any, RedisServer
     for server in servers:
         await server.stop()
         server.cleanup()
-
-
-@pytest.fixture
-def logged():
-    """Every log event emitted during the test, as formatted text."""
-    from twisted.logger import formatEvent
-
-    events: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        events.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
 
 
 def bus(service: ChatService) -> RedisBus:

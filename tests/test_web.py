@@ -83,6 +83,19 @@ async def test_unknown_path_and_method_get_clear_statuses(daemon):
     assert (await request(httpURL(url) + "/healthz", b"DELETE"))[0] == 405
 
 
+@pytest.mark.parametrize("path", ["/", "/chat.js", "/healthz"])
+@pytest_twisted.ensureDeferred
+async def test_head_is_get_without_the_body(daemon, logged, path):
+    """HEAD answers as GET does, with the length of the body it leaves out; no warning logged."""
+    service, url = daemon()
+    code, headers, body = await request(httpURL(url) + path)
+    headCode, headHeaders, headBody = await request(httpURL(url) + path, b"HEAD")
+    assert (headCode, headBody) == (code, b"") == (200, b"")
+    assert header(headHeaders, b"content-length") == b"%d" % len(body)
+    assert header(headHeaders, b"content-type") == header(headers, b"content-type")
+    assert [line for line in logged if "HEAD request" in line] == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_websocket_and_page_share_the_port(daemon):
     """After a page load, a WebSocket handshake on the same URL still reaches the room."""

@@ -58,16 +58,29 @@ class Root(Resource):
 
 
 class ReadOnly(Resource):
-    """A leaf answering GET and HEAD, and 405 to any other method."""
+    """
+    A leaf answering GET (:meth:`render_GET`) and HEAD, and 405 to any other method.
+
+    HEAD is GET without the body, whose length is still announced. (Twisted's own fallback
+    returns the body and has the request drop it, logging a warning on every HEAD: a load
+    balancer probing ``/healthz`` with HEAD would fill the log.)
+    """
 
     isLeaf = True
 
     def render(self, request: IRequest) -> bytes:
-        if request.method not in (b"GET", b"HEAD"):
+        if request.method == b"HEAD":
+            body = self.render_GET(request)
+            request.setHeader(b"content-length", b"%d" % len(body))
+            return b""
+        if request.method != b"GET":
             request.setHeader(b"allow", b"GET, HEAD")
             page = errorPage(405, "Method Not Allowed", "This resource is read-only.")
             return cast(bytes, page.render(request))
-        return cast(bytes, super().render(request))
+        return self.render_GET(request)
+
+    def render_GET(self, request: IRequest) -> bytes:
+        raise NotImplementedError
 
 
 class Asset(ReadOnly):
@@ -84,14 +97,11 @@ class Asset(ReadOnly):
 
     def render_GET(self, request: IRequest) -> bytes:
         request.setHeader(b"content-type", self.mediaType)
-        request.setHeader(b"content-length", b"%d" % len(self.data))
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"referrer-policy", b"no-referrer")
         request.setHeader(b"content-security-policy", CONTENT_SECURITY_POLICY)
-        return b"" if request.method == b"HEAD" else self.data
-
-    render_HEAD = render_GET
+        return self.data
 
 
 class HealthResource(ReadOnly):
@@ -115,8 +125,6 @@ class HealthResource(ReadOnly):
         request.setHeader(b"cache-control", b"no-store")
         body = {"status": status, "connections": self._connections()}
         return json.dumps(body).encode("utf-8") + b"\n"
-
-    render_HEAD = render_GET
 
 
 class ChatSite(Site):
