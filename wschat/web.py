@@ -152,17 +152,21 @@ def makeSite(
     root = Root()
     for name, path, mediaType in ASSETS:
         root.putChild(path, _asset(name, mediaType))
-    root.putChild(b"healthz", HealthResource(accepting, lambda: len(factory.room)))
-    if metrics:
-        root.putChild(b"metrics", MetricsResource(factory.metrics.registry))
-    return ChatSite(root, timeout=HTTP_IDLE_TIMEOUT)
+    return _monitoredSite(root, factory, accepting, metrics)
 
 
 def makeMetricsSite(factory: ChatServerFactory, accepting: Callable[[], bool]) -> ChatSite:
     """
     The site for ``--metrics-listen``: ``/metrics`` and ``/healthz`` only.
     """
-    root = Root()
+    return _monitoredSite(Root(), factory, accepting, metrics=True)
+
+
+def _monitoredSite(
+    root: Root, factory: ChatServerFactory, accepting: Callable[[], bool], metrics: bool
+) -> ChatSite:
+    """``root`` with ``/healthz`` and (when ``metrics``) ``/metrics``, as a site."""
     root.putChild(b"healthz", HealthResource(accepting, lambda: len(factory.room)))
-    root.putChild(b"metrics", MetricsResource(factory.metrics.registry))
+    if metrics:
+        root.putChild(b"metrics", MetricsResource(factory.metrics.registry))
     return ChatSite(root, timeout=HTTP_IDLE_TIMEOUT)
