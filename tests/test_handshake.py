@@ -46,6 +46,8 @@ class ParseOriginTests(SynchronousTestCase):
             "https://example.com/chat",
             "https://example.com?x=1",
             "https://user@example.com",
+            "https://:secret@example.com",
+            "https://@example.com",
             "https://example.com:99999",
             "https://example.com:http",
             "",
@@ -91,6 +93,7 @@ class SameOriginTests(SynchronousTestCase):
         self.assertEqual(parseHost("[::1]:8080", True), ("::1", 8080))
         self.assertRaises(ValueError, parseHost, "", False)
         self.assertRaises(ValueError, parseHost, "example.com/x", False)
+        self.assertRaises(ValueError, parseHost, ":x@localhost", False)
 
 
 class OriginPolicyTests(SynchronousTestCase):

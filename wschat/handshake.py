@@ -62,7 +62,7 @@ def parseOrigin(text: str) -> Origin:
     host = parts.hostname
     if not parts.scheme or not host:
         raise ValueError(f"{text!r} is not an origin (scheme://host[:port])")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
         raise ValueError(f"{text!r} is not an origin: it has more than scheme://host[:port]")
     scheme = parts.scheme.lower()
     port = parts.port  # raises ValueError for a port that is not a number in range
@@ -79,7 +79,7 @@ def parseHost(host: str, secure: bool) -> tuple[str, int]:
     @raise ValueError: if ``host`` is not a host with an optional port.
     """
     parts = urlsplit("//" + host.strip())
-    if not parts.hostname or parts.path or parts.query or parts.fragment or parts.username:
+    if not parts.hostname or parts.path or parts.query or parts.fragment or "@" in parts.netloc:
         raise ValueError(f"{host!r} is not a host[:port]")
     port = parts.port
     return parts.hostname, port if port is not None else (443 if secure else 80)
@@ -183,7 +183,7 @@ def senderAddress(peer: IAddress, client: str | None) -> str:
     """
     if client is None:
         return formatAddress(peer)
-    if ipaddress.ip_address(client).version == 6:
+    if ":" in client:  # IPv6: forwardedClient gives the address in canonical form
         client = f"[{client}]"
     if isinstance(peer, IPv4Address | IPv6Address):
         return f"{client}:{peer.port}"
