@@ -55,13 +55,13 @@ class MetricsTests(SynchronousTestCase):
         """The hooks for limits count drops and refusals by reason."""
         m = Metrics()
         m.clientDropped()
-        m.messageRefused("too_big")
-        m.messageRefused("too_big")
-        m.messageRefused("rate")
+        m.messageRefused("binary")
+        m.messageRefused("binary")
+        m.messageRefused("rate limit")
         get = m.registry.get_sample_value
         self.assertEqual(get("wschat_clients_dropped_total"), 1)
-        self.assertEqual(get("wschat_messages_refused_total", {"reason": "too_big"}), 2)
-        self.assertEqual(get("wschat_messages_refused_total", {"reason": "rate"}), 1)
+        self.assertEqual(get("wschat_messages_refused_total", {"reason": "binary"}), 2)
+        self.assertEqual(get("wschat_messages_refused_total", {"reason": "rate limit"}), 1)
 
     def test_closeCodes(self):
         """Closed connections are counted by close code; an unknown code is 'none'."""

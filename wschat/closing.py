@@ -20,8 +20,6 @@ from twisted.internet.interfaces import IReactorTime
 GOING_AWAY = WebSocketProtocol.CLOSE_STATUS_CODE_GOING_AWAY  # 1001
 UNSUPPORTED_DATA = WebSocketProtocol.CLOSE_STATUS_CODE_UNSUPPORTED_DATA  # 1003
 POLICY_VIOLATION = WebSocketProtocol.CLOSE_STATUS_CODE_POLICY_VIOLATION  # 1008
-MESSAGE_TOO_BIG = WebSocketProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG  # 1009
-TRY_AGAIN_LATER = 1013
 
 #: The longest close reason that fits a control frame (125 bytes less the 2-byte code).
 MAX_REASON_BYTES = 123

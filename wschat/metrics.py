@@ -18,7 +18,12 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "REFUSED_BINARY", "REFUSED_RATE_LIMIT", "REFUSED_RELAY"]
+
+#: The ``reason`` labels of ``wschat_messages_refused_total``.
+REFUSED_RATE_LIMIT = "rate limit"
+REFUSED_BINARY = "binary"
+REFUSED_RELAY = "relay unavailable"
 
 
 class Metrics:
@@ -118,6 +123,7 @@ class Metrics:
 
     def messageRefused(self, reason: str) -> None:
         """
-        A limit refused a message; ``reason`` is a short fixed label (``too_big``, ``rate``).
+        A message was refused; ``reason`` is one of the fixed labels :data:`REFUSED_RATE_LIMIT`,
+        :data:`REFUSED_BINARY`, :data:`REFUSED_RELAY`.
         """
         self._refused.labels(reason=reason).inc()

@@ -50,7 +50,7 @@ from wschat.closing import (
 )
 from wschat.handshake import OriginPolicy, forwardedClient, senderAddress
 from wschat.limits import ConnectionCounter, Limits, TokenBucket, hostKey
-from wschat.metrics import Metrics
+from wschat.metrics import REFUSED_BINARY, REFUSED_RATE_LIMIT, REFUSED_RELAY, Metrics
 from wschat.room import Room
 from wschat.wire import (
     JSON_SUBPROTOCOL,
@@ -208,7 +208,7 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         bucket = self._bucket
         if bucket is not None and not bucket.take():
             self._log.info("Closing {peer}: rate limit exceeded", peer=self.address)
-            factory.metrics.messageRefused("rate limit")
+            factory.metrics.messageRefused(REFUSED_RATE_LIMIT)
             closeWith(
                 self,
                 POLICY_VIOLATION,
@@ -216,7 +216,7 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
             )
             return
         if isBinary and factory.room.format is Format.PREFIXED:
-            factory.metrics.messageRefused("binary")
+            factory.metrics.messageRefused(REFUSED_BINARY)
             closeWith(self, UNSUPPORTED_DATA, "binary messages are not accepted; send text")
             return
         if factory.logMessages:
@@ -270,7 +270,7 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         or a JSON ``notice`` object.
         """
         factory = self.factory
-        factory.metrics.messageRefused("relay unavailable")
+        factory.metrics.messageRefused(REFUSED_RELAY)
         if self.state == WebSocketProtocol.STATE_OPEN:
             if self.format is Format.JSON:
                 notice = jsonNotice(reason, factory.reactor.seconds())
