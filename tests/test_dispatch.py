@@ -9,7 +9,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from wschat.dispatch import LINGER, MAX_HEAD, DispatchFactory, isWebSocketUpgrade
+from wschat.dispatch import LINGER, DispatchFactory, isWebSocketUpgrade
+from wschat.limits import MAX_REQUEST_HEAD
 from wschat.testing import rawExchange
 
 UPGRADE = (
@@ -128,9 +129,9 @@ class DispatcherTests(SynchronousTestCase):
         self.assertTrue(transport.aborted)
 
     def test_oversized_complete_head_is_refused(self) -> None:
-        """A head that arrives whole but is longer than MAX_HEAD is refused too."""
+        """A head that arrives whole but is longer than MAX_REQUEST_HEAD is refused too."""
         dispatcher, websocket, site, transport, _ = connection()
-        dispatcher.dataReceived(b"GET / HTTP/1.1\r\nX: " + b"a" * MAX_HEAD + b"\r\n\r\n")
+        dispatcher.dataReceived(b"GET / HTTP/1.1\r\nX: " + b"a" * MAX_REQUEST_HEAD + b"\r\n\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "))
         self.assertEqual((websocket.built, site.built), ([], []))
         self.assertEqual((websocket.built, site.built), ([], []))
@@ -177,9 +178,9 @@ class DispatcherTests(SynchronousTestCase):
         self.assertFalse(transport.aborted)
 
     def test_oversized_head_is_refused(self) -> None:
-        """A head that does not end within MAX_HEAD bytes gets 431 and the connection closes."""
+        """A head that does not end within MAX_REQUEST_HEAD bytes gets 431 and is closed."""
         dispatcher, websocket, site, transport, clock = connection()
-        dispatcher.dataReceived(b"GET / HTTP/1.1\r\nX: " + b"a" * MAX_HEAD)
+        dispatcher.dataReceived(b"GET / HTTP/1.1\r\nX: " + b"a" * MAX_REQUEST_HEAD)
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "))
         self.assertTrue(transport.halfClosed)
         dispatcher.dataReceived(b"a" * 1000)
@@ -193,6 +194,6 @@ async def test_oversized_head_gets_an_http_error(daemon):
     """Over loopback, a request head too big to be one gets an HTTP error, never a hang."""
     _, url = daemon()
     response = await rawExchange(
-        url, b"GET / HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD * 2) + b"\r\n\r\n"
+        url, b"GET / HTTP/1.1\r\nX: " + b"a" * (MAX_REQUEST_HEAD * 2) + b"\r\n\r\n"
     )
     assert response.startswith(b"HTTP/1.1 431 "), response[:80]

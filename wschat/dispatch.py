@@ -24,9 +24,6 @@ from twisted.python.failure import Failure
 
 from wschat.limits import MAX_REQUEST_HEAD
 
-#: The longest request head taken; past it, HTTP 431.
-MAX_HEAD = MAX_REQUEST_HEAD
-
 #: Seconds a refused connection is read from, and discarded, before it is dropped.
 LINGER = 2.0
 
@@ -122,13 +119,13 @@ class Dispatcher(Protocol):
         start = max(len(buffered) - 3, 0)
         buffered += data
         end = buffered.find(b"\r\n\r\n", start)
-        if end < 0 and len(buffered) < MAX_HEAD:
+        if end < 0 and len(buffered) < MAX_REQUEST_HEAD:
             return
         head = bytes(buffered)
         self._head = bytearray()
         self.factory.deadlines.discard(self)
         assert self.transport is not None
-        if end < 0 or end > MAX_HEAD:
+        if end < 0 or end > MAX_REQUEST_HEAD:
             self._refuse()
             return
         upgrade = isWebSocketUpgrade(head[:end])

@@ -55,8 +55,8 @@ def _bounded(
 
 _port = _bounded(int, 0, "a TCP port number (0-65535)", 65535)
 _byteSize = _bounded(parseSize, 1, "at least 1 byte")
-_positiveSeconds = _bounded(float, math.ulp(0), "a number of seconds above 0", math.inf)
-_secondsOrOff = _bounded(float, 0, "a number of seconds, 0 or more", math.inf)
+_positiveSeconds = _bounded(float, math.ulp(0), "a number of seconds above 0")
+_secondsOrOff = _bounded(float, 0, "a number of seconds, 0 or more")
 _messageRate = _bounded(float, 0, "a number of messages per second, 0 or more", sys.float_info.max)
 _limitOrOff = _bounded(int, 0, "a whole number, 0 or more")
 _positiveCount = _bounded(int, 1, "a whole number, 1 or more")
