@@ -512,7 +512,7 @@ class RawClient(Protocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         waiting, self._waiting = self._waiting, []
         for _, d in waiting:
-            d.errback(AssertionError(f"connection closed first; received {self.received!r}"))
+            d.errback(ConnectionError(f"connection closed first; received {self.received!r}"))
         self.lost.callback(self.received)
 
 

@@ -12,12 +12,12 @@ import shutil
 import tempfile
 from collections.abc import Callable
 
-from twisted.internet import defer, endpoints, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IProcessTransport
 from twisted.python.failure import Failure
 
-from wschat.testing import freePort
+from wschat.testing import RawClient, freePort, rawConnect
 
 
 async def waitFor(
@@ -48,25 +48,6 @@ class _Output(protocol.ProcessProtocol):
         self.ended.callback(None)
 
 
-class _Ping(protocol.Protocol):
-    """Sends PING; fires with the first reply line (``+PONG``, or ``-NOAUTH ...``)."""
-
-    def __init__(self) -> None:
-        self.reply: defer.Deferred[bytes] = defer.Deferred()
-        self._buffer = b""
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(b"PING\r\n")
-
-    def dataReceived(self, data: bytes) -> None:
-        self._buffer += data
-        if b"\r\n" in self._buffer and not self.reply.called:
-            assert self.transport is not None
-            self.transport.loseConnection()
-            self.reply.callback(self._buffer.split(b"\r\n", 1)[0])
-
-
 class RedisServer:
     """
     One ``redis-server`` on 127.0.0.1: ``await server.start()``, ``await server.stop()``;
@@ -90,10 +71,6 @@ class RedisServer:
         auth = f":{self.password}@" if self.password is not None else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    @property
-    def running(self) -> bool:
-        return self._process is not None and not self._process.ended.called
-
     async def start(self, timeout: float = 10.0) -> None:
         binary = shutil.which(self.executable)
         if binary is None:
@@ -113,11 +90,12 @@ class RedisServer:
         while True:
             if output.ended.called:
                 raise RuntimeError(f"redis-server exited at start: {bytes(output.output)!r}")
-            ping = _Ping()
-            endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
             try:
-                await endpoints.connectProtocol(endpoint, ping)
-                reply = await ping.reply
+                # The first reply line: +PONG, or -NOAUTH when a password is set.
+                ping = await rawConnect(f"redis://127.0.0.1:{self.port}", RawClient(b"PING\r\n"))
+                reply = (await ping.until(lambda data: b"\r\n" in data)).split(b"\r\n", 1)[0]
+                assert ping.transport is not None
+                ping.transport.loseConnection()
             except (ConnectError, ConnectionError):
                 if reactor.seconds() > deadline:
                     await self.stop()
