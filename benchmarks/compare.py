@@ -23,8 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,10 +31,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from children import freePort, stop, waitListening
+
+from wschat.testing import findExecutable
+
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"
 PY = sys.executable
-TWISTD = str(Path(PY).with_name("twistd"))
+TWISTD = findExecutable("twistd")
 
 
 def _wschat(*extra: str) -> Callable[[int, str], list[str]]:
@@ -77,35 +79,6 @@ SERVERS: dict[str, Callable[[int, str], list[str]]] = {
     "autobahn-prepared": _script(PEERS / "autobahn_server.py", "--prepared"),
 }
 DEFAULT_SERVERS = list(SERVERS)
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def waitListening(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with status {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"server did not listen on port {port} within {timeout} s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def runBench(
@@ -194,14 +167,14 @@ def fmt(v: float | None, kind: str) -> str:
 METRICS: list[tuple[str, str, Callable[[dict[str, Any]], float | None], str, bool]] = [
     # (label, scenario, getter, kind, higher is better)
     (
-        "saturated: deliveries/s (1000 clients, 10 senders x 4 in flight)",
+        "saturated: deliveries/s ({clients} clients, 10 senders x 4 in flight)",
         "saturated",
         lambda r: r.get("deliveries_per_s"),
         "rate",
         True,
     ),
     (
-        "moderate: p50 latency ms (1000 clients, 20 msg/s)",
+        "moderate: p50 latency ms ({clients} clients, 20 msg/s)",
         "moderate",
         lambda r: _lat(r, "p50"),
         "ms",
@@ -219,7 +192,9 @@ def _lat(r: dict[str, Any], p: str) -> float | None:
     return None if lat is None else lat.get(p)
 
 
-def table(results: dict[str, dict[str, list[dict[str, Any]]]], servers: list[str]) -> str:
+def table(
+    results: dict[str, dict[str, list[dict[str, Any]]]], servers: list[str], clients: int
+) -> str:
     """Markdown: each cell holds every repetition's figure, and wschat's ratio to it."""
     reference = "wschat"
     lines = [
@@ -245,11 +220,11 @@ def table(results: dict[str, dict[str, list[dict[str, Any]]]], servers: list[str
                 ]
                 cell += " (x" + " / ".join(ratios) + ")"
             cells.append(cell)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label.format(clients=clients)} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
-        f"Each cell: repetition 1 / repetition 2; (xA / xB) is wschat's figure over that "
-        f"server's in the same repetition. \\* marks a run where the server or the load "
+        f"Each cell: one figure per repetition (1 / 2 / ...); (xA / xB ...) is wschat's figure "
+        f"over that server's in the same repetition. \\* marks a run where the server or the load "
         f"generator waited for a CPU more than {NOISY:.0%} of the time (other work on the machine)."
     )
     return "\n".join(lines)
@@ -342,7 +317,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"scenarios": results, "sweep": sweepResults}, f, indent=2)
-    print(table(results, servers))
+    print(table(results, servers, args.clients))
     found = problems(results)
     if found:
         print("\nWarnings:")

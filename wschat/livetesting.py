@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import queue
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
+
+from wschat.testing import LISTENING, findExecutable
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Playwright
@@ -42,7 +43,7 @@ CHROMIUM_ARGS = [
 #: How long a child process gets to say what is expected of it.
 TIMEOUT = 30.0
 
-_LISTENING = re.compile(r"wschat listening on IPv4Address\(.*port=(\d+)\)")
+_LISTENING = re.compile(LISTENING)
 
 
 def launchChromium(playwright: Playwright) -> Browser:
@@ -52,16 +53,6 @@ def launchChromium(playwright: Playwright) -> Browser:
     if not Path(CHROMIUM).exists():
         raise RuntimeError(f"{CHROMIUM} not found: apt-get install chromium (see .ci/apt-packages)")
     return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-
-
-def _twistd() -> str:
-    beside = Path(sys.executable).with_name("twistd")
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("twistd")
-    if found is None:
-        raise RuntimeError("twistd not found beside the Python running the tests, nor on PATH")
-    return found
 
 
 class _Lines:
@@ -121,7 +112,7 @@ class DaemonProcess:
         return f"http://127.0.0.1:{self.port}/"
 
     def start(self) -> None:
-        command = [_twistd(), "-n", "--pidfile=", "--logfile=-", "wschat"]
+        command = [findExecutable("twistd"), "-n", "--pidfile=", "--logfile=-", "wschat"]
         command += ["--port", str(self.port), *self.args]
         self.process = subprocess.Popen(
             command,

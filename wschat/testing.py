@@ -365,7 +365,7 @@ def spawn(
     """
     from twisted.internet import reactor
 
-    executable = shutil.which(args[0], path=_binPath()) or args[0]
+    executable = findExecutable(args[0])
     watcher = ProcessWatcher()
     environment = dict(os.environ if env is None else env)
     environment.setdefault("PYTHONUNBUFFERED", "1")
@@ -375,9 +375,13 @@ def spawn(
     return watcher
 
 
-def _binPath() -> str:
-    # The venv's bin folder first, so `twistd` is the one beside this Python.
-    return os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+def findExecutable(name: str) -> str:
+    """
+    The program ``name`` beside this Python (its venv's ``twistd``, say), else on PATH; else
+    ``name`` itself, for the process launcher to report as missing.
+    """
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    return shutil.which(name, path=path) or name
 
 
 def freePort(host: str = "127.0.0.1") -> int:

@@ -1,0 +1,53 @@
+"""
+Child processes for the benchmark drivers (``compare.py``, ``redis_fanout.py``): a free port
+to start one on, waiting until it listens, and stopping it.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from wschat.testing import freePort
+
+__all__ = ["freePort", "processes", "stop", "waitListening"]
+
+
+def waitListening(port: int, process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """Return once 127.0.0.1:``port`` accepts a connection; fail if ``process`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with status {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
+
+
+def stop(*started: subprocess.Popen[bytes]) -> None:
+    """SIGTERM each; kill those still running 10 s later."""
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+    for process in started:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """A list to add started processes to; all are stopped on the way out."""
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        yield started
+    finally:
+        stop(*started)
