@@ -18,62 +18,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import socket
 import sys
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
-from twisted.internet import defer, endpoints, protocol, task
-from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
 
-HANDSHAKE = (
-    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
+from wschat.bench.frames import handshakeRequest
+from wschat.bench.stats import processRssBytes
+from wschat.testing import RawClient, listeningPort, rawConnect, spawnTwistd
 
 
 def rss(pid: int) -> int:
     """Resident set size of ``pid`` in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
-class Daemon(protocol.ProcessProtocol):
-    """The daemon's process; fires ``listening`` with its port, collects its log."""
-
-    def __init__(self) -> None:
-        self.listening: defer.Deferred[int] = defer.Deferred()
-        self.ended: defer.Deferred[None] = defer.Deferred()
-        self.log = ""
-
-    def outReceived(self, data: bytes) -> None:
-        self.log += data.decode("utf-8", "replace")
-        if not self.listening.called:
-            match = re.search(r"wschat listening on .*port=(\d+)", self.log)
-            if match:
-                self.listening.callback(int(match.group(1)))
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Any) -> None:
-        if not self.listening.called:
-            self.listening.errback(RuntimeError(f"daemon exited:\n{self.log}"))
-        self.ended.callback(None)
-
-
-class NeverReads(protocol.Protocol):
-    """Completes the opening handshake, then never reads another byte."""
-
-    def connectionMade(self) -> None:
-        transport: Any = self.transport
-        # The smallest receive window the kernel allows, and no reading at all.
-        transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
-        transport.write(HANDSHAKE)
-        transport.pauseProducing()
+    size = processRssBytes(pid)
+    if size is None:
+        raise RuntimeError(f"no VmRSS for process {pid}")
+    return size
 
 
 class Reader(WebSocketClientProtocol):
@@ -97,15 +59,18 @@ class ReaderFactory(WebSocketClientFactory):
 
 
 async def run(reactor: Any, args: argparse.Namespace, daemonArgs: list[str]) -> dict[str, Any]:
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    daemon = Daemon()
-    argv = [twistd, "-n", "--pidfile=", "wschat", "--listen", "tcp:0:interface=127.0.0.1"]
+    argv = ["--listen", "tcp:0:interface=127.0.0.1"]
     argv += ["--format", "raw", "--welcome", "", "--no-message-log", *daemonArgs]
-    process = IReactorProcess(reactor).spawnProcess(daemon, twistd, argv, env=os.environ)
-    port = await daemon.listening
+    daemon = spawnTwistd(argv, cwd=os.getcwd())
+    port = await listeningPort(daemon)
     url = f"ws://127.0.0.1:{port}"
-    pid = process.pid
-    assert pid is not None
+    pid = daemon.transport.pid
+    handshake = handshakeRequest("127.0.0.1", port, "/")
+
+    def neverReader() -> defer.Deferred[RawClient]:
+        """A client that completes the opening handshake, then never reads another byte."""
+        return defer.ensureDeferred(rawConnect(url, RawClient(handshake, read=False)))
+
     try:
         factories = []
         readers = []
@@ -115,11 +80,7 @@ async def run(reactor: Any, args: argparse.Namespace, daemonArgs: list[str]) -> 
             readers.append(await f.opened)
             factories.append(f)
         sender = readers[0]
-        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-        neverReaders = [
-            await endpoints.connectProtocol(endpoint, NeverReads())
-            for _ in range(args.never_readers)
-        ]
+        neverReaders = [await neverReader() for _ in range(args.never_readers)]
         await task.deferLater(reactor, 0.5)
         baseline = rss(pid)
 
@@ -149,7 +110,7 @@ async def run(reactor: Any, args: argparse.Namespace, daemonArgs: list[str]) -> 
         if args.never_reader_every:
 
             async def arrive() -> None:
-                neverReaders.append(await endpoints.connectProtocol(endpoint, NeverReads()))
+                neverReaders.append(await neverReader())
 
             arrivals = task.LoopingCall(lambda: defer.ensureDeferred(arrive()))
             arrivals.start(args.never_reader_every, now=False)
@@ -169,12 +130,12 @@ async def run(reactor: Any, args: argparse.Namespace, daemonArgs: list[str]) -> 
             "final": final,
             "sent": sent,
             "received": received,
-            "dropped": daemon.log.count("bytes waiting to be sent"),
+            "dropped": daemon.output.count("bytes waiting to be sent"),
             "neverReaders": len(neverReaders),
             "timeline": [samples[len(samples) * q // 4 - 1] for q in (1, 2, 3, 4)],
         }
     finally:
-        process.signalProcess("TERM")
+        daemon.transport.signalProcess("TERM")
         await daemon.ended
 
 
