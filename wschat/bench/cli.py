@@ -527,7 +527,6 @@ class Run:
                     drained = True
                     break
         if not drained:
-            c, s, r, d = self._totals()
             warnings.append(
                 f"deliveries were still arriving when the {options['drain']:g} s drain ended: "
                 "those not yet arrived count as lost (the server was overloaded)"

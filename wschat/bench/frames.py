@@ -85,7 +85,6 @@ class Tally:
 
     received: int = 0
     reordered: int = 0
-    gaps: int = 0
     #: Latencies (µs) of messages sent inside the measured window.
     latencies: list[int] = field(default_factory=list)
 
@@ -100,8 +99,8 @@ class FrameReader:
     and closes.
 
     Order is checked per sender: a sequence number at or below the last one seen from that
-    sender counts as reordered; one that skips ahead counts its gap (lost, unless it turns up
-    later out of order).
+    sender counts as reordered. (Loss is counted from totals: what a client received against
+    what was sent.)
     """
 
     __slots__ = (
@@ -179,7 +178,6 @@ class FrameReader:
                 tally.received += 1
                 prev = last.get(sender, -1)
                 if seq > prev:
-                    tally.gaps += seq - prev - 1
                     last[sender] = seq
                 else:
                     tally.reordered += 1

@@ -306,7 +306,7 @@ class Worker:
         }
 
     def finish(self, totalSent: int) -> None:
-        lost = duplicated = reordered = gaps = 0
+        lost = duplicated = reordered = 0
         latencies: list[int] = []
         verified = 0
         for c in self.clients:
@@ -314,7 +314,6 @@ class Worker:
             lost += max(0, totalSent - t.received)
             duplicated += max(0, t.received - totalSent)
             reordered += t.reordered
-            gaps += t.gaps
             if isinstance(c.reader, FrameReader):
                 verified += 1
                 latencies.extend(t.latencies)
@@ -332,7 +331,6 @@ class Worker:
                     "lost": lost,
                     "duplicated": duplicated,
                     "reordered": reordered,
-                    "gaps": gaps,
                     "verified": verified,
                     "histogram": dict(histogram(latencies)),
                     "window": {"start": start, "end": end},
