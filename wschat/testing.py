@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
@@ -55,9 +56,10 @@ class QueueClientProtocol(WebSocketClientProtocol):
 
     factory: QueueClientFactory
 
-    def onConnect(self, response: Any) -> None:
+    def connectionMade(self) -> None:
         self.messages: defer.DeferredQueue[tuple[bytes, bool]] = defer.DeferredQueue()
         self.closed: defer.Deferred[tuple[int | None, str | None]] = defer.Deferred()
+        super().connectionMade()
 
     def onOpen(self) -> None:
         self.factory.opened.callback(self)
@@ -68,7 +70,7 @@ class QueueClientProtocol(WebSocketClientProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.factory.opened.called:
             self.factory.opened.errback(ConnectionError(f"handshake failed: {code} {reason}"))
-        if hasattr(self, "closed") and not self.closed.called:
+        if not self.closed.called:
             self.closed.callback((code, reason))
 
     def sendText(self, text: str) -> None:
@@ -521,11 +523,14 @@ class RawClient(Protocol):
 
 
 async def rawConnect(url: str, client: RawClient) -> RawClient:
-    """Connect ``client`` over TCP to the host and port of ``url`` (``ws://host:port``)."""
+    """Connect ``client`` over TCP to the host and port of ``url`` (``ws://host:port/...``)."""
     from twisted.internet import reactor
 
-    host, port = url.split("//", 1)[-1].rstrip("/").rsplit(":", 1)
-    endpoint = endpoints.TCP4ClientEndpoint(reactor, host.strip("[]"), int(port))
+    parts = urlsplit(url)
+    host, port = parts.hostname, parts.port
+    assert host is not None and port is not None, f"{url!r} has no host:port"
+    endpointClass = endpoints.TCP6ClientEndpoint if ":" in host else endpoints.TCP4ClientEndpoint
+    endpoint = endpointClass(reactor, host, port)
     await endpoints.connectProtocol(endpoint, client)
     return client
 
