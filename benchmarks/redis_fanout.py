@@ -102,17 +102,22 @@ def table(rows: list[tuple[str, dict[str, Any]]]) -> str:
             return "-"
         return f"x{value / reference:.2f}"
 
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
     lines = [
         f"{'setup':<24} {'deliveries/s':>12} {'ratio':>6} {'p50 ms':>7} {'ratio':>6} "
         f"{'p99 ms':>7} {'ratio':>6}  lost/reordered",
     ]
     for name, r in rows:
-        lat, baseLat = r["latency_ms"], base["latency_ms"]
+        # No latency figures when no message arrived inside the measured window.
+        lat, baseLat = r["latency_ms"] or {}, base["latency_ms"] or {}
+        p50, p99 = lat.get("p50"), lat.get("p99")
         lines.append(
             f"{name:<24} {r['deliveries_per_s']:>12,.0f} "
             f"{ratio(r['deliveries_per_s'], base['deliveries_per_s']):>6} "
-            f"{lat['p50']:>7.2f} {ratio(lat['p50'], baseLat['p50']):>6} "
-            f"{lat['p99']:>7.2f} {ratio(lat['p99'], baseLat['p99']):>6}  "
+            f"{ms(p50):>7} {ratio(p50, baseLat.get('p50')):>6} "
+            f"{ms(p99):>7} {ratio(p99, baseLat.get('p99')):>6}  "
             f"{r['lost']}/{r['reordered']}"
         )
     return "\n".join(lines)

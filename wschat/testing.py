@@ -124,11 +124,12 @@ def startDaemon(args: Sequence[str] = ()) -> tuple[ChatService, str]:
     Start the daemon's service tree in-process, parsing ``args`` as ``twistd wschat`` would.
 
     Listens on 127.0.0.1 on a free port unless ``args`` says where. Returns the running
-    service and the ``ws://`` URL of its first TCP port. Stop it with ``stopService()``.
+    service and the ``ws://`` (or ``wss://``) URL of its first IPv4 TCP port, or "" if it has
+    none. Stop it with ``stopService()``.
     """
     options = Options()
     args = list(args)
-    if not any(a.startswith("--listen") for a in args) and "--port" not in args:
+    if not any(a in ("--port", "-p") or a.startswith(("--port=", "--listen")) for a in args):
         args += ["--port", "0"]
     options.parseOptions(args)
     service = makeService(options)
