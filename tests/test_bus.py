@@ -11,22 +11,13 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from wschat.bus import (
-    REFUSED_DOWN,
-    Envelope,
-    LocalBus,
-    MalformedEnvelope,
-    RedisAddress,
-    RedisBus,
-    _BusFactory,
-    _PublisherProtocol,
-    decodeEnvelope,
-    encodeEnvelope,
-    parseRedisURL,
-)
-from wschat.protocol import ChatServerFactory
+from wschat.bus import LocalBus
+from wschat.envelope import Envelope, MalformedEnvelope, decodeEnvelope, encodeEnvelope
+from wschat.redisaddress import RedisAddress, parseRedisURL
+from wschat.redisbus import REFUSED_DOWN, RedisBus, _BusFactory, _PublisherProtocol
 from wschat.room import Room
-from wschat.tap import Options, makeService
+from wschat.server import ChatServer
+from wschat.tap import Options, buildServer
 from wschat.testing import QueueClientFactory, memoryConnection
 from wschat.wire import Format, Message, isoTime
 
@@ -174,19 +165,19 @@ class OptionsTests(SynchronousTestCase):
         """The default daemon relays through a LocalBus and runs no Redis service."""
         options = Options()
         options.parseOptions([])
-        daemon = makeService(options)
-        self.assertIsInstance(daemon.factory.bus, LocalBus)
+        daemon = buildServer(options)
+        self.assertIsInstance(daemon.bus, LocalBus)
         self.assertFalse([s for s in daemon if isinstance(s, RedisBus)])
 
     def test_serviceWithRedis(self) -> None:
-        """With --redis the factory's bus is a RedisBus, started and stopped with the daemon."""
+        """With --redis the server's bus is a RedisBus, started and stopped with the daemon."""
         options = Options()
         options.parseOptions(["--redis", "redis://h:1", "--channel", "c"])
-        daemon = makeService(options)
-        bus = daemon.factory.bus
+        daemon = buildServer(options)
+        bus = daemon.bus
         assert isinstance(bus, RedisBus)
         self.assertIn(bus, list(daemon))
-        self.assertIs(bus.room, daemon.factory.room)
+        self.assertIs(bus.room, daemon.room)
         self.assertEqual((bus.address, bus.channel), (RedisAddress("h", 1), "c"))
 
 
@@ -297,23 +288,23 @@ class RedisBusOfflineTests(SynchronousTestCase):
 class RefusalNoticeTests(SynchronousTestCase):
     def test_notice(self) -> None:
         """A refused sender gets 'wschat: <reason>' as text and stays connected."""
-        factory = ChatServerFactory(welcome="")
-        factory.bus = RedisBus(factory.room, RedisAddress("h"), reactor=MemoryReactorClock())
+        chat = ChatServer(welcome="")
+        chat.bus = RedisBus(chat.room, RedisAddress("h"), reactor=MemoryReactorClock())
         clientFactory = QueueClientFactory("ws://127.0.0.1:2000")
-        server, client, pump = memoryConnection(factory, clientFactory)
+        server, client, pump = memoryConnection(chat.factory, clientFactory)
         pump.flush()
         client.sendText("hello")
         pump.flush()
         self.assertEqual(client.messages.pending, [(f"wschat: {REFUSED_DOWN}".encode(), False)])
-        self.assertEqual(factory.bus.refused, 1)
+        self.assertEqual(chat.bus.refused, 1)
         self.assertEqual(server.state, server.STATE_OPEN)
 
     def test_json_notice_and_metric(self) -> None:
         """A refused JSON client gets a 'notice' object, and the refusal is counted in metrics."""
-        factory = ChatServerFactory(welcome="", reactor=MemoryReactorClock())
-        factory.bus = RedisBus(factory.room, RedisAddress("h"), reactor=MemoryReactorClock())
+        chat = ChatServer(welcome="", reactor=MemoryReactorClock())
+        chat.bus = RedisBus(chat.room, RedisAddress("h"), reactor=MemoryReactorClock())
         clientFactory = QueueClientFactory("ws://127.0.0.1:2000", protocols=["wschat.json"])
-        server, client, pump = memoryConnection(factory, clientFactory)
+        server, client, pump = memoryConnection(chat.factory, clientFactory)
         pump.flush()
         client.messages.pending.clear()  # the welcome object
         client.sendText("hello")
@@ -322,7 +313,7 @@ class RefusalNoticeTests(SynchronousTestCase):
         self.assertEqual(
             json.loads(payload), {"type": "notice", "text": REFUSED_DOWN, "time": isoTime(0)}
         )
-        refused = factory.metrics.registry.get_sample_value(
+        refused = chat.metrics.registry.get_sample_value(
             "wschat_messages_refused_total", {"reason": "relay unavailable"}
         )
         self.assertEqual(refused, 1)

@@ -581,7 +581,7 @@ async def test_daemon_connections_take_the_fast_path(daemon):
     service, url = daemon("--format", "raw", "--welcome", "")
     client = await connect(url)
     try:
-        (member,) = list(service.factory.room)
+        (member,) = list(service.room)
         assert fastwrite.canSendDirectly(member.transport)
         client.sendText("fast")
         assert await client.nextText() == "fast"

@@ -89,8 +89,8 @@ async def test_never_reading_client_dropped_others_lose_nothing(daemon, gcEnable
     gc.enable()
     print(f"never-reader closed after {len(sent) * 1008} bytes relayed to the room")
     assert slow.wasCloseHandshakeTimeout, "the never-reader was not dropped at the TCP level"
-    assert slow not in list(service.factory.room)
-    assert len(list(service.factory.room)) == 3
+    assert slow not in list(service.room)
+    assert len(list(service.room)) == 3
     slowClient.transport.abortConnection()  # type: ignore[union-attr]
     await slowClient.lost
     await closeAll(readers)

@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from txaio.testutil import replace_loop
 
 from wschat.closing import closeWith
-from wschat.protocol import ChatServerFactory
+from wschat.server import ChatServer
 from wschat.wire import Format
 
 
@@ -21,7 +21,7 @@ class PolicyCloseTests(SynchronousTestCase):
         loop = replace_loop(self.clock)
         loop.__enter__()
         self.addCleanup(loop.__exit__, None, None, None)
-        self.factory = ChatServerFactory(fmt=Format.RAW, welcome="", reactor=self.clock)
+        self.factory = ChatServer(fmt=Format.RAW, welcome="", reactor=self.clock).factory
 
     def test_sends_rfc_code_and_reason(self) -> None:
         """A code sendClose refuses (1008) goes out in a close frame with its reason."""

@@ -34,7 +34,7 @@ async def test_stop_closes_clients_with_1001(daemon):
     closes = await defer.gatherResults([c.closed for c in clients])
     assert closes == [GOING_AWAY] * 3
     await stopped
-    assert len(service.factory.room) == 0
+    assert len(service.room) == 0
     assert service.ports[0].connected is False
 
 
@@ -76,7 +76,7 @@ async def test_silent_client_dropped_at_timeout(daemon):
     clock.advance(0.1)
     await raw.lost
     assert stopped
-    assert len(service.factory.room) == 0
+    assert len(service.room) == 0
 
 
 class RecordingSession(ChatSession):

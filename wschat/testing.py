@@ -45,8 +45,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
-from wschat.protocol import ChatServerFactory, ChatServerProtocol
-from wschat.tap import ChatService, Options, makeService
+from wschat.protocol import ChatServerProtocol
+from wschat.server import ChatServer
+from wschat.tap import Options, buildServer
 
 
 class QueueClientProtocol(WebSocketClientProtocol):
@@ -119,9 +120,10 @@ def connect(
     return factory.opened
 
 
-def startDaemon(args: Sequence[str] = ()) -> tuple[ChatService, str]:
+def startDaemon(args: Sequence[str] = ()) -> tuple[ChatServer, str]:
     """
-    Start the daemon's service tree in-process, parsing ``args`` as ``twistd wschat`` would.
+    Start the daemon's server in-process, parsing ``args`` as ``twistd wschat`` would (but
+    without tuning the process as ``twistd wschat`` does).
 
     Listens on 127.0.0.1 on a free port unless ``args`` says where. Returns the running
     service and the ``ws://`` (or ``wss://``) URL of its first IPv4 TCP port, or "" if it has
@@ -132,7 +134,7 @@ def startDaemon(args: Sequence[str] = ()) -> tuple[ChatService, str]:
     if not any(a in ("--port", "-p") or a.startswith(("--port=", "--listen")) for a in args):
         args += ["--port", "0"]
     options.parseOptions(args)
-    service = makeService(options)
+    service = buildServer(options)
     service.startService()
     # TCP, SSL and UNIX endpoints listen synchronously: the ports are there already.
     if len(service.ports) != len(service.endpoints):
@@ -396,15 +398,17 @@ def freePort(host: str = "127.0.0.1") -> int:
 
 class MemoryRoom:
     """
-    A server factory on a fake clock, with in-memory clients connected to it.
+    A chat server on a fake clock, with in-memory clients connected to it.
 
     ``connect()`` returns ``(server, client)`` protocols with the handshake done;
     ``flush()`` moves every pending byte both ways; ``clock`` drives all timers.
+    ``server`` is the :class:`~wschat.server.ChatServer`, built with ``serverOptions``.
     """
 
-    def __init__(self, **factoryOptions: Any) -> None:
+    def __init__(self, **serverOptions: Any) -> None:
         self.clock = MemoryReactorClock()
-        self.factory = ChatServerFactory(reactor=self.clock, **factoryOptions)
+        self.server = ChatServer(reactor=self.clock, **serverOptions)
+        self.factory = self.server.factory
         self.pumps: list[iosim.IOPump] = []
 
     def connect(
