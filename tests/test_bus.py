@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from unittest import mock
 
 import msgpack
 from hypothesis import given
@@ -179,6 +183,66 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn(bus, list(daemon))
         self.assertIs(bus.room, daemon.room)
         self.assertEqual((bus.address, bus.channel), (RedisAddress("h", 1), "c"))
+
+
+#: Builds the daemon from the command line ARGS and prints which Redis modules it loaded.
+LOADED_SCRIPT = """
+import sys
+from wschat.tap import Options, buildServer
+options = Options()
+options.parseOptions(sys.argv[1:])
+buildServer(options)
+print(sorted(m for m in ("txredisapi", "msgpack", "wschat.redisbus") if m in sys.modules))
+"""
+
+
+class RedisExtraTests(SynchronousTestCase):
+    """The Redis client is the ``redis`` extra: loaded for --redis only, asked for if missing."""
+
+    def loaded(self, *args: str) -> str:
+        # A fresh interpreter, outside the checkout, so that it imports the installed package.
+        cwd = self.mktemp()
+        os.makedirs(cwd)
+        result = subprocess.run(
+            [sys.executable, "-c", LOADED_SCRIPT, "--port", "0", *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return result.stdout.strip()
+
+    def test_singleDaemonLoadsNoRedisClient(self) -> None:
+        """A daemon without --redis imports neither txredisapi nor msgpack."""
+        self.assertEqual(self.loaded(), "[]")
+
+    def test_redisLoadsTheClient(self) -> None:
+        """With --redis the Redis bus, its client and the envelope codec are loaded."""
+        self.assertEqual(
+            self.loaded("--redis", "redis://h"), "['msgpack', 'txredisapi', 'wschat.redisbus']"
+        )
+
+    def test_redisWithoutTheExtra(self) -> None:
+        """--redis without the Redis client installed is a one-line usage error saying how."""
+        with mock.patch.dict(sys.modules, {"txredisapi": None}):
+            sys.modules.pop("wschat.redisbus", None)
+            with self.assertRaises(usage.UsageError) as caught:
+                Options().parseOptions(["--redis", "redis://h"])
+        message = str(caught.exception)
+        self.assertEqual(
+            message,
+            "--redis needs the Redis client (txredisapi is not installed): "
+            "pip install 'wschat[redis]'",
+        )
+        self.assertNotIn("\n", message)
+
+    def test_noRedisNeedsNoExtra(self) -> None:
+        """Without --redis, a missing Redis client does not matter."""
+        with mock.patch.dict(sys.modules, {"txredisapi": None}):
+            sys.modules.pop("wschat.redisbus", None)
+            options = Options()
+            options.parseOptions([])
+            self.assertIsInstance(buildServer(options).bus, LocalBus)
 
 
 class FakeOrigin:
