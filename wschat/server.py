@@ -117,7 +117,7 @@ class ChatServer(service.MultiService):
         self.shutdownTimeout = shutdownTimeout
         self.shuttingDown = False
         self.factory = ChatServerFactory(self)
-        # The room frames each message once, as Autobahn's factory does for every connection.
+        # The room frames each message once, for every member, with Autobahn's prepareMessage.
         self.room = Room(
             self.factory.prepareMessage, fmt, metrics=self.metrics, now=reactor.seconds
         )
