@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -78,6 +79,17 @@ class OptionsTests(SynchronousTestCase):
         quiet = buildServer(parse("--no-connection-log"))
         self.assertFalse(quiet.logConnections)
         self.assertTrue(quiet.logMessages)
+
+    def test_server_runs_on_the_reactor_given(self) -> None:
+        """buildServer's reactor runs the connections and the shutdown bound, not the global one."""
+        clock = MemoryReactorClock()
+        service = buildServer(parse("--listen", "tcp:0"), reactor=clock)
+        self.assertIs(service.reactor, clock)
+        self.assertIs(service.clock, clock)
+        self.assertIs(service.factory.reactor, clock)
+        service.startService()
+        self.assertEqual([port for port, *_ in clock.tcpServers], [0])
+        service.stopService()
 
     def test_one_listener_per_endpoint(self) -> None:
         """buildServer builds a listening service per --listen, and listens on none yet."""

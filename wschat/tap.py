@@ -295,7 +295,7 @@ def redisBusClass() -> type[RedisBus]:
         from wschat.redisbus import RedisBus
     except ImportError as e:
         raise usage.UsageError(
-            f"--redis needs the Redis client ({e.name} is not installed): "
+            f"--redis needs the Redis client ({e.name or e} is not installed): "
             "pip install 'wschat[redis]'"
         ) from None
     return RedisBus
