@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest_twisted
 import txredisapi
+from childprocess import freePort
+from redisserver import RedisServer, waitFor
 
 from wschat.bus import (
     REFUSED_DOWN,
@@ -20,8 +22,7 @@ from wschat.bus import (
 from wschat.protocol import DEFAULT_WELCOME
 from wschat.room import Room
 from wschat.tap import ChatService
-from wschat.testing import QueueClientProtocol, bySender, closeAll, connect, freePort
-from wschat.testing_redis import RedisServer, waitFor
+from wschat.testing import QueueClientProtocol, bySender, closeAll, connect
 from wschat.wire import Message
 
 REFUSAL = f"wschat: {REFUSED_DOWN}"
