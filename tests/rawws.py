@@ -9,6 +9,7 @@ read back the HTTP response and the frames the server wrote. :class:`RawClient`,
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
 import zlib
@@ -35,16 +36,9 @@ def handshake(*extraHeaders: str, host: str = "127.0.0.1:2000") -> bytes:
     return openingHandshake(host, "/", extraHeaders)
 
 
-def frame(
-    opcode: int,
-    payload: bytes = b"",
-    *,
-    fin: bool = True,
-    rsv: int = 0,
-    mask: bytes | None = MASK,
-) -> bytes:
-    """One frame as a client sends it: masked with :data:`MASK`, unless ``mask`` says otherwise."""
-    return frames.frame(opcode, payload, fin=fin, rsv=rsv, mask=mask)
+#: One frame as a client sends it: masked with :data:`MASK` unless ``mask=`` says otherwise
+#: (``frame(opcode, payload, fin=, rsv=, mask=)``, see :func:`wschat.bench.frames.frame`).
+frame = functools.partial(frames.frame, mask=MASK)
 
 
 def deflate(data: bytes) -> bytes:
