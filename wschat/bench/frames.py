@@ -1,5 +1,9 @@
 """
-The load tool's wire format: the payload it sends, the frames it writes, and a minimal reader.
+The load tool's wire format: the payload it sends, the frames it writes, and its reader.
+
+:func:`frame`, :func:`parseFrames` and :func:`openingHandshake` are the package's one RFC 6455
+framer, written by hand: the load tool sends with them, and the tests build with them what no
+well-behaved client would send.
 
 A bench payload is ASCII text, so a server may relay it as a text message and prefix it::
 
