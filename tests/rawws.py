@@ -155,10 +155,8 @@ class RawClient(Protocol):
     def until(self, condition: Callable[[bytes], bool]) -> defer.Deferred[bytes]:
         """Fires with all received so far once ``condition`` holds; fails if it closes first."""
         d: defer.Deferred[bytes] = defer.Deferred()
-        if condition(self.received):
-            d.callback(self.received)
-        else:
-            self._waiting.append((condition, d))
+        self._waiting.append((condition, d))
+        self._check()
         return d
 
     def connectionMade(self) -> None:
@@ -173,6 +171,10 @@ class RawClient(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
+        self._check()
+
+    def _check(self) -> None:
+        # Fire the waits whose condition now holds; a callback may add new ones.
         waiting, self._waiting = self._waiting, []
         for condition, d in waiting:
             if condition(self.received):
