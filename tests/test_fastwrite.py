@@ -14,13 +14,14 @@ import os
 
 import pytest
 import pytest_twisted
+from tlsfiles import makeTLSFiles
 from twisted.internet import defer, endpoints, protocol, reactor, ssl, task, tcp, unix
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from wschat import fastwrite
 from wschat.bench import frames
-from wschat.testing import connect, makeTLSFiles
+from wschat.testing import connect
 
 
 class Recorder(protocol.Protocol):

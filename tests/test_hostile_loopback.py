@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from rawws import handshake
+from rawws import RawClient, handshake, rawConnect
 from twisted.internet import defer, reactor, task
 
 from wschat.protocol import ChatServerProtocol
-from wschat.testing import QueueClientProtocol, RawClient, closeAll, connect, rawConnect
+from wschat.testing import QueueClientProtocol, closeAll, connect
 
 
 def spyOnOpens(service: Any) -> defer.DeferredQueue[ChatServerProtocol]:

@@ -7,14 +7,15 @@ from typing import Any
 
 import pytest_twisted
 import txredisapi
+from childprocess import freePort
+from redisserver import RedisServer, waitFor
 
 from wschat.envelope import Envelope, encodeEnvelope
 from wschat.redisaddress import parseRedisURL
 from wschat.redisbus import REFUSED_DOWN, REFUSED_LOST, REFUSED_NO_ROOM, RedisBus
 from wschat.room import Room
 from wschat.server import DEFAULT_WELCOME, ChatServer
-from wschat.testing import QueueClientProtocol, bySender, closeAll, connect, freePort
-from wschat.testing_redis import RedisServer, waitFor
+from wschat.testing import QueueClientProtocol, bySender, closeAll, connect
 from wschat.wire import Message
 
 REFUSAL = f"wschat: {REFUSED_DOWN}"
