@@ -82,6 +82,12 @@ class Metrics:
             "Clients disconnected because their outgoing queue was full.",
             registry=registry,
         )
+        self._duplicates = Counter(
+            "wschat_messages_deduplicated",
+            "Messages not relayed because a message with the same id was already relayed "
+            "inside the history window (resends).",
+            registry=registry,
+        )
         self._refused = Counter(
             "wschat_messages_refused",
             "Messages refused by a limit, by reason.",
@@ -114,6 +120,12 @@ class Metrics:
         """``frames`` messages of ``size`` bytes in all were handed to connections."""
         self._frames.inc(frames)
         self._bytes.inc(size)
+
+    # -- history
+
+    def duplicateRefused(self) -> None:
+        """A message was not relayed: its client-chosen id was already relayed."""
+        self._duplicates.inc()
 
     # -- limits (called by the code that enforces them)
 

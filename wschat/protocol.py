@@ -29,12 +29,14 @@ from wschat.closing import (
     closeWith,
 )
 from wschat.handshake import forwardedClient, senderAddress
+from wschat.history import Position
 from wschat.limits import Limits, TokenBucket, hostKey
 from wschat.metrics import REFUSED_BINARY, REFUSED_RATE_LIMIT, REFUSED_RELAY
 from wschat.wire import (
     JSON_SUBPROTOCOL,
     Format,
     Message,
+    jsonDuplicate,
     jsonNotice,
 )
 
@@ -258,6 +260,19 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
             if self._paused and self._overQueue(len(notice) + 2):
                 return
             self.sendMessage(notice)
+
+    def duplicate(self, mid: str, position: Position) -> None:
+        """
+        Tell this client its message ``mid`` was already relayed (at ``position``) and so
+        was not relayed again: a JSON ``duplicate`` object (only JSON clients send ids).
+        """
+        server = self.factory.chatServer
+        server.metrics.duplicateRefused()
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            answer = jsonDuplicate(mid, position.epoch, position.seq)
+            if self._paused and self._overQueue(len(answer) + 2):
+                return
+            self.sendMessage(answer)
 
     def goAway(self) -> Deferred[None]:
         """

@@ -5,6 +5,17 @@ Data flows one way: a protocol hands a received message to the server's bus
 (:mod:`wschat.bus`), the bus to :meth:`Room.broadcast` (of this daemon, or of every daemon on
 the Redis channel), which frames it once per format its members receive (plain, JSON) and gives
 the same frame to every member of that format through :meth:`Member.deliver`.
+
+With history on (:mod:`wschat.history`) every relayed message gets a position:
+``Room.broadcast(message, when=None, position=None)`` takes the next one from the room's own
+:class:`~wschat.history.History` (a counter, with :class:`~wschat.bus.LocalBus`) unless the bus
+hands one in (a bus that numbers messages itself, such as Redis), and appends the message to
+the history before delivering it. A member that asked for history joins as a *replaying*
+member: it holds only a cursor (the next seq to send), is sent the window's messages while its
+transport takes them (:meth:`Room.catchUp`, again each time the transport drains), and joins
+the live stream in the same call in which its cursor passes the head: broadcasts only ever
+append to the history and deliver to live members, so no message falls between the replay and
+the live stream or comes twice.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from typing import Literal, Protocol
 
 from autobahn.websocket.protocol import PreparedMessage
 
+from wschat.history import Entry, History, Position
 from wschat.metrics import Metrics
 from wschat.wire import Format, Message, jsonMessage, jsonPresence, relayPayload
 
@@ -31,6 +43,35 @@ class Member(Protocol):
         """
 
 
+class Replayer(Member, Protocol):
+    """What the room needs of a member that catches up on history before going live."""
+
+    def writable(self) -> bool:
+        """Whether the member's transport takes more now (open, and not paused)."""
+
+    def deliverNow(self, frame: PreparedMessage) -> None:
+        """
+        Hand one frame straight to the transport, whose flow control then pauses at once.
+        """
+
+    def fellBehind(self) -> None:
+        """
+        The window dropped the next message this member was to be sent: it must be told
+        (closed), since continuing would leave a hole.
+        """
+
+
+class _Replay:
+    """A replaying member's state: its format and the next position to send."""
+
+    __slots__ = ("fmt", "epoch", "next")
+
+    def __init__(self, fmt: Format, epoch: str, start: int) -> None:
+        self.fmt = fmt
+        self.epoch = epoch
+        self.next = start
+
+
 class Room:
     """
     The set of open connections and the fan-out to them.
@@ -41,6 +82,8 @@ class Room:
         did not ask for JSON.
     @param metrics: counts broadcasts and deliveries (a private one when not given).
     @param now: the time JSON objects are stamped with, in seconds since the epoch.
+    @param history: the window of recent messages and their positions (None: history off,
+        messages carry no position).
     """
 
     def __init__(
@@ -50,6 +93,7 @@ class Room:
         *,
         metrics: Metrics | None = None,
         now: Callable[[], float] = time.time,
+        history: History | None = None,
     ) -> None:
         self._prepare = prepare
         self.format = fmt
@@ -58,22 +102,94 @@ class Room:
         # Members grouped by the format they receive, so that a broadcast frames each format
         # once. Dicts keep join order, so deliveries go out in a stable order.
         self._groups: dict[Format, dict[Member, None]] = {}
+        self.history = history
+        # Members still being sent history, not yet in a group.
+        self._replaying: dict[Member, _Replay] = {}
 
     def __len__(self) -> int:
-        return sum(len(group) for group in self._groups.values())
+        return sum(len(group) for group in self._groups.values()) + len(self._replaying)
 
     def __iter__(self) -> Iterator[Member]:
-        return iter(tuple(chain.from_iterable(self._groups.values())))
+        return iter(tuple(chain(chain.from_iterable(self._groups.values()), self._replaying)))
 
     def __contains__(self, member: object) -> bool:
-        return any(member in group for group in self._groups.values())
+        return member in self._replaying or any(member in g for g in self._groups.values())
 
-    def join(self, member: Member, fmt: Format | None = None) -> None:
-        """Add ``member``, which receives ``fmt`` (the room's format unless given)."""
-        self._groups.setdefault(fmt if fmt is not None else self.format, {})[member] = None
+    def join(self, member: Member, fmt: Format | None = None, start: int | None = None) -> None:
+        """
+        Add ``member``, which receives ``fmt`` (the room's format unless given).
+
+        With ``start`` (a seq of the history, see :meth:`History.start`) it first replays the
+        history from there: the caller then calls :meth:`catchUp`, after anything the member
+        must receive before the replay (its greeting).
+        """
+        fmt = fmt if fmt is not None else self.format
+        history = self.history
+        if start is not None and history is not None and start <= history.head:
+            self._replaying[member] = _Replay(fmt, history.epoch, start)
+        else:
+            self._groups.setdefault(fmt, {})[member] = None
+
+    def replaying(self, member: Member) -> bool:
+        """Whether ``member`` is still being sent history."""
+        return member in self._replaying
+
+    def catchUp(self, member: Replayer) -> None:
+        """
+        Send ``member`` the history from its cursor while its transport takes it; once the
+        cursor passes the head, make it live (in this same call). Called again when its
+        transport drains. If the window dropped the next message meanwhile, the member is
+        told (:meth:`Replayer.fellBehind`) and removed.
+        """
+        replay = self._replaying.get(member)
+        history = self.history
+        if replay is None or history is None:
+            return
+        history.expire()
+        seq = replay.next
+        frames = size = 0
+        try:
+            while seq <= history.head:
+                if not member.writable():
+                    return
+                entry = history.entry(seq) if replay.epoch == history.epoch else None
+                if entry is None:
+                    del self._replaying[member]
+                    member.fellBehind()
+                    return
+                frame = self._replayFrame(history, entry, replay.fmt)
+                member.deliverNow(frame)
+                frames += 1
+                size += len(frame.payloadHybi)
+                seq += 1
+            del self._replaying[member]
+            self._groups.setdefault(replay.fmt, {})[member] = None
+        finally:
+            replay.next = seq
+            self.metrics.delivered(frames, size)
+
+    def _replayFrame(self, history: History, entry: Entry, fmt: Format) -> PreparedMessage:
+        """``entry`` framed for ``fmt``: the frame cached at broadcast, or a new one."""
+        if fmt is Format.JSON:
+            frame = entry.jsonFrame
+            if frame is None:
+                message = entry.message
+                payload = jsonMessage(message, entry.when, history.epoch, entry.seq)
+                frame = self._prepare(payload, False)
+                history.cacheFrame(entry, frame, True, evict=False)
+            return frame
+        frame = entry.plainFrame
+        if frame is None:
+            message = entry.message
+            frame = self._prepare(relayPayload(fmt, message), message.isBinary)
+            if fmt is self.format:
+                history.cacheFrame(entry, frame, False, evict=False)
+        return frame
 
     def leave(self, member: Member) -> bool:
         """Remove ``member``; true if it was in the room."""
+        if self._replaying.pop(member, None) is not None:
+            return True
         for fmt, group in self._groups.items():
             if member in group:
                 del group[member]
@@ -82,11 +198,20 @@ class Room:
                 return True
         return False
 
-    def broadcast(self, message: Message, when: float | None = None) -> None:
+    def broadcast(
+        self, message: Message, when: float | None = None, position: Position | None = None
+    ) -> None:
         """
         Relay ``message`` to every member, its sender included; JSON members see it stamped
         with ``when`` (now, unless given).
+
+        With history on, the message is appended to the history first, at ``position``: the
+        one the bus assigned, or (None) the next of the room's own numbering.
         """
+        history = self.history
+        if history is not None:
+            self._relayWithPosition(history, message, when, position)
+            return
         frames = size = 0
         # Snapshots: a delivery may make a member leave (a slow reader dropped).
         for fmt, group in tuple(self._groups.items()):
@@ -96,6 +221,31 @@ class Room:
             else:
                 payload, isBinary = relayPayload(fmt, message), message.isBinary
             frame = self._prepare(payload, isBinary)
+            members = tuple(group)
+            for member in members:
+                member.deliver(frame)
+            frames += len(members)
+            size += len(members) * len(payload)
+        self.metrics.messageBroadcast(frames, size)
+
+    def _relayWithPosition(
+        self, history: History, message: Message, when: float | None, position: Position | None
+    ) -> None:
+        stamp = self._now() if when is None else when
+        if position is None:
+            position = history.nextPosition()
+        entry = history.append(position, message, stamp)
+        frames = size = 0
+        for fmt, group in tuple(self._groups.items()):
+            if fmt is Format.JSON:
+                payload = jsonMessage(message, stamp, position.epoch, position.seq)
+                frame = self._prepare(payload, False)
+                history.cacheFrame(entry, frame, True, evict=True)
+            else:
+                payload = relayPayload(fmt, message)
+                frame = self._prepare(payload, message.isBinary)
+                if fmt is self.format:
+                    history.cacheFrame(entry, frame, False, evict=True)
             members = tuple(group)
             for member in members:
                 member.deliver(frame)

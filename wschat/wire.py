@@ -51,6 +51,8 @@ class Message:
     sender: str
     payload: bytes
     isBinary: bool = False
+    #: The id its sender chose for it (a JSON ``send`` command), for exactly-once sending.
+    id: str | None = None
 
 
 def hostPort(host: str, port: int) -> str:
@@ -89,10 +91,14 @@ def _json(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def jsonMessage(message: Message, when: float) -> bytes:
+def jsonMessage(
+    message: Message, when: float, epoch: str | None = None, seq: int | None = None
+) -> bytes:
     """
     ``message`` as a JSON client receives it: ``{"type": "message", "from", "text", "time"}``;
     a binary message (``raw`` format only) carries ``data`` (base64) instead of ``text``.
+    With history on it carries its position (``epoch``, ``seq``), and ``id`` when its sender
+    gave one.
     """
     obj: dict[str, Any] = {"type": "message", "from": message.sender}
     if message.isBinary:
@@ -100,16 +106,52 @@ def jsonMessage(message: Message, when: float) -> bytes:
     else:
         obj["text"] = message.payload.decode("utf-8")
     obj["time"] = isoTime(when)
+    if epoch is not None:
+        obj["epoch"] = epoch
+        obj["seq"] = seq
+    if message.id is not None:
+        obj["id"] = message.id
     return _json(obj)
 
 
-def jsonWelcome(you: str, online: int, text: str, when: float) -> bytes:
+def jsonWelcome(
+    you: str,
+    online: int,
+    text: str,
+    when: float,
+    *,
+    maxMessageSize: int | None = None,
+    epoch: str | None = None,
+    seq: int = 0,
+    recovered: bool | None = None,
+) -> bytes:
     """
-    The first object a JSON client receives: its own address, how many are online, the greeting.
+    The first object a JSON client receives: its own address, how many are online, the
+    greeting, the largest message it may send; with history on, the room's position when the
+    welcome was sent (``epoch``, ``seq``), and, when it asked to recover, whether it did.
     """
-    return _json(
-        {"type": "welcome", "you": you, "online": online, "text": text, "time": isoTime(when)}
-    )
+    obj: dict[str, Any] = {
+        "type": "welcome",
+        "you": you,
+        "online": online,
+        "text": text,
+        "time": isoTime(when),
+    }
+    if maxMessageSize is not None:
+        obj["maxMessageSize"] = maxMessageSize
+    if epoch is not None:
+        obj["epoch"] = epoch
+        obj["seq"] = seq
+    if recovered is not None:
+        obj["recovered"] = recovered
+    return _json(obj)
+
+
+def jsonDuplicate(mid: str, epoch: str, seq: int) -> bytes:
+    """
+    To the sender alone: a message with id ``mid`` was already relayed, at ``epoch``/``seq``.
+    """
+    return _json({"type": "duplicate", "id": mid, "epoch": epoch, "seq": seq})
 
 
 def jsonPresence(kind: Literal["join", "leave"], who: str, online: int, when: float) -> bytes:
