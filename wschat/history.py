@@ -22,11 +22,13 @@ saw) starts the window afresh at that position, since nothing before it can be v
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qs
 
 from wschat.wire import Message
 
@@ -233,3 +235,39 @@ class History:
         if last is not None:
             return max(first, self.head + 1 - last), True
         return self.head + 1, True
+
+
+class BadQuery(ValueError):
+    """A malformed ``since`` or ``history`` query parameter; the text says why."""
+
+
+_EPOCH = re.compile(r"[0-9a-z]{1,64}")
+_DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+def parseQuery(query: str) -> tuple[Position | None, int | None]:
+    """
+    The ``since=EPOCH:SEQ`` and ``history=N`` parameters of a WebSocket URL's query.
+
+    @raise BadQuery: if either is given twice or is malformed.
+    """
+    params = parse_qs(query, keep_blank_values=True)
+    since = last = None
+    sinces = params.get("since", [])
+    if len(sinces) > 1:
+        raise BadQuery("since given more than once")
+    if sinces:
+        epoch, colon, seq = sinces[0].partition(":")
+        if not (colon and _EPOCH.fullmatch(epoch) and _DIGITS.fullmatch(seq)):
+            raise BadQuery(
+                f"since must be EPOCH:SEQ (as in a message's epoch and seq), not {sinces[0][:40]!r}"
+            )
+        since = Position(epoch, int(seq))
+    lasts = params.get("history", [])
+    if len(lasts) > 1:
+        raise BadQuery("history given more than once")
+    if lasts:
+        if not _DIGITS.fullmatch(lasts[0]):
+            raise BadQuery(f"history must be a number of messages, not {lasts[0][:40]!r}")
+        last = int(lasts[0])
+    return since, last

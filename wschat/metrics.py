@@ -9,6 +9,8 @@ per broadcast (never once per recipient).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -18,12 +20,16 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-__all__ = ["Metrics", "REFUSED_BINARY", "REFUSED_RATE_LIMIT", "REFUSED_RELAY"]
+if TYPE_CHECKING:
+    from wschat.history import History
+
+__all__ = ["Metrics", "REFUSED_BINARY", "REFUSED_RATE_LIMIT", "REFUSED_RELAY", "REFUSED_COMMAND"]
 
 #: The ``reason`` labels of ``wschat_messages_refused_total``.
 REFUSED_RATE_LIMIT = "rate limit"
 REFUSED_BINARY = "binary"
 REFUSED_RELAY = "relay unavailable"
+REFUSED_COMMAND = "malformed command"
 
 
 class Metrics:
@@ -88,6 +94,23 @@ class Metrics:
             "inside the history window (resends).",
             registry=registry,
         )
+        self._historyMessages = Gauge(
+            "wschat_history_messages",
+            "Messages held in the history window.",
+            registry=registry,
+        )
+        self._historyBytes = Gauge(
+            "wschat_history_bytes",
+            "Bytes held for the messages of the history window (payloads and cached frames).",
+            registry=registry,
+        )
+        self._recoveries = Counter(
+            "wschat_recoveries",
+            "Clients that connected with since=: recovered everything they missed (true) "
+            "or not (false: another epoch, or older than the window).",
+            ["recovered"],
+            registry=registry,
+        )
         self._refused = Counter(
             "wschat_messages_refused",
             "Messages refused by a limit, by reason.",
@@ -123,6 +146,15 @@ class Metrics:
 
     # -- history
 
+    def watchHistory(self, history: History) -> None:
+        """Report ``history``'s size whenever metrics are read (nothing per message)."""
+        self._historyMessages.set_function(lambda: len(history))
+        self._historyBytes.set_function(lambda: history.bytes)
+
+    def recovery(self, recovered: bool) -> None:
+        """A client connected with ``since``; ``recovered`` says whether it got everything."""
+        self._recoveries.labels(recovered="true" if recovered else "false").inc()
+
     def duplicateRefused(self) -> None:
         """A message was not relayed: its client-chosen id was already relayed."""
         self._duplicates.inc()
@@ -136,6 +168,6 @@ class Metrics:
     def messageRefused(self, reason: str) -> None:
         """
         A message was refused; ``reason`` is one of the fixed labels :data:`REFUSED_RATE_LIMIT`,
-        :data:`REFUSED_BINARY`, :data:`REFUSED_RELAY`.
+        :data:`REFUSED_BINARY`, :data:`REFUSED_RELAY`, :data:`REFUSED_COMMAND`.
         """
         self._refused.labels(reason=reason).inc()

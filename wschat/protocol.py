@@ -29,15 +29,17 @@ from wschat.closing import (
     closeWith,
 )
 from wschat.handshake import forwardedClient, senderAddress
-from wschat.history import Position
+from wschat.history import BadQuery, Position, parseQuery
 from wschat.limits import Limits, TokenBucket, hostKey
-from wschat.metrics import REFUSED_BINARY, REFUSED_RATE_LIMIT, REFUSED_RELAY
+from wschat.metrics import REFUSED_BINARY, REFUSED_COMMAND, REFUSED_RATE_LIMIT, REFUSED_RELAY
 from wschat.wire import (
     JSON_SUBPROTOCOL,
+    BadCommand,
     Format,
     Message,
     jsonDuplicate,
     jsonNotice,
+    parseCommand,
 )
 
 if TYPE_CHECKING:
@@ -75,6 +77,9 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
     _bucket: TokenBucket | None = None
     # What this connection counts as in the per-address limit, once counted.
     _hostKey: str | None = None
+    # What it asked for in its URL's query: recover after a position, or the last N messages.
+    _since: Position | None = None
+    _last: int | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -95,6 +100,9 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
     def resumeProducing(self) -> None:
         self._paused = False
         self._unsent = 0
+        room = self.factory.chatServer.room
+        if room.replaying(self):
+            room.catchUp(self)
 
     def stopProducing(self) -> None:
         pass
@@ -143,12 +151,29 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         peer = self.transport.getPeer()
         client = forwardedClient(headers.get("x-forwarded-for"), server.trustedHops)
         self.address = senderAddress(peer, client)
+        self._askHistory()
         self._admit(client or peer)
         if JSON_SUBPROTOCOL in request.protocols:
             self.format = Format.JSON
             return JSON_SUBPROTOCOL
         self.format = server.room.format
         return None
+
+    def _askHistory(self) -> None:
+        """
+        Read ``since=EPOCH:SEQ`` and ``history=N`` from the URL's query; refuse (400) a
+        malformed one, or any when history is off.
+        """
+        query = self.http_request_uri.partition("?")[2]
+        if not query:
+            return
+        try:
+            since, last = parseQuery(query)
+        except BadQuery as e:
+            raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, str(e)) from None
+        if (since is not None or last is not None) and self.factory.chatServer.history is None:
+            raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "history is off")
+        self._since, self._last = since, last
 
     def _admit(self, client: Any) -> None:
         """
@@ -169,15 +194,27 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
 
     def onOpen(self) -> None:
         server = self.factory.chatServer
-        server.room.join(self, self.format)
+        room = server.room
+        history = room.history
+        start: int | None = None
+        recovered: bool | None = None
+        if history is not None and (self._since is not None or self._last is not None):
+            start, recovered = history.start(self._since, self._last)
+            if self._since is None:
+                recovered = None
+            else:
+                server.metrics.recovery(recovered)
+        # Join, greet and start the replay in one go: no message can come in between.
+        room.join(self, self.format, start)
         server.metrics.connectionOpened()
         if server.logConnections:
             self._log.info("New connection from {peer}", peer=self.address)
-        greeting = server.greeting(self)
+        greeting = server.greeting(self, recovered)
         if greeting:
             self.sendMessage(greeting)
             server.metrics.delivered(1, len(greeting))
-        server.room.announce("join", self.address, exclude=self)
+        room.catchUp(self)
+        room.announce("join", self.address, exclude=self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.state != WebSocketProtocol.STATE_OPEN:
@@ -199,9 +236,19 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
             server.metrics.messageRefused(REFUSED_BINARY)
             closeWith(self, UNSUPPORTED_DATA, "binary messages are not accepted; send text")
             return
+        message = Message(self.address, payload, isBinary)
+        if self.format is Format.JSON and not isBinary:
+            try:
+                command = parseCommand(payload)
+            except BadCommand as e:
+                server.metrics.messageRefused(REFUSED_COMMAND)
+                self._notice(str(e))
+                return
+            if command is not None:
+                message = Message(self.address, command.text.encode("utf-8"), False, command.id)
         if server.logMessages:
-            self._logMessage(payload, isBinary)
-        server.bus.publish(Message(self.address, payload, isBinary), self)
+            self._logMessage(message.payload, isBinary)
+        server.bus.publish(message, self)
 
     def onPing(self, payload: bytes) -> None:
         # A client that sends pings but reads nothing must not grow its queue of pongs.
@@ -227,6 +274,27 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
                 wasClean=wasClean,
             )
 
+    # -- replaying history (wschat.room.Replayer)
+
+    def writable(self) -> bool:
+        return self.state == _OPEN and not self._paused
+
+    def deliverNow(self, frame: PreparedMessage) -> None:
+        # Through the transport's own buffer, whose flow control pauses us at once: a replay
+        # never has more than that buffer waiting (see Room.catchUp).
+        self.sendPreparedMessage(frame)
+
+    def fellBehind(self) -> None:
+        self._log.info(
+            "Closing {peer}: its history replay fell out of the window", peer=self.address
+        )
+        self.factory.chatServer.metrics.clientDropped()
+        closeWith(
+            self,
+            POLICY_VIOLATION,
+            "too slow: the history replay fell out of the window; reconnect to recover",
+        )
+
     def deliver(self, frame: PreparedMessage) -> None:
         # sendPreparedMessage does not check the state itself: a frame written after our
         # close frame would break the closing handshake.
@@ -249,11 +317,16 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         Tell this client the bus did not relay its message: the text ``wschat: <reason>``,
         or a JSON ``notice`` object.
         """
-        server = self.factory.chatServer
-        server.metrics.messageRefused(REFUSED_RELAY)
+        self.factory.chatServer.metrics.messageRefused(REFUSED_RELAY)
+        self._notice(reason)
+
+    def _notice(self, reason: str) -> None:
+        """
+        Tell this client alone something: the text ``wschat: <reason>``, or a JSON ``notice``.
+        """
         if self.state == WebSocketProtocol.STATE_OPEN:
             if self.format is Format.JSON:
-                notice = jsonNotice(reason, server.reactor.seconds())
+                notice = jsonNotice(reason, self.factory.chatServer.reactor.seconds())
             else:
                 notice = b"wschat: " + reason.encode("utf-8")
             # A client that sends but never reads must not grow its queue of notices either.

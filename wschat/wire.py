@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -166,3 +167,54 @@ def jsonNotice(text: str, when: float) -> bytes:
     The server tells this client alone something, e.g. that its message was not relayed.
     """
     return _json({"type": "notice", "text": text, "time": isoTime(when)})
+
+
+@dataclass(frozen=True, slots=True)
+class SendCommand:
+    """A JSON client's ``{"type": "send", "text": ..., "id": ...}``."""
+
+    text: str
+    id: str | None = None
+
+
+class BadCommand(ValueError):
+    """A JSON command the daemon cannot carry out; the text says why."""
+
+
+#: A message id: 1 to 64 printable ASCII characters.
+_ID = re.compile(r"[\x20-\x7e]{1,64}")
+
+
+def parseCommand(payload: bytes) -> SendCommand | None:
+    """
+    The command in a JSON client's text message, or None if it is not one (then the text is
+    relayed as it is): a command is a JSON object with a ``"type"`` key.
+
+    @raise BadCommand: for an unknown type, a ``send`` without a string ``text``, or a bad
+        ``id``.
+    """
+    if payload.lstrip()[:1] != b"{":
+        return None
+    try:
+        obj = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or "type" not in obj:
+        return None
+    kind = obj["type"]
+    if kind != "send":
+        shown = kind if isinstance(kind, str) and len(kind) <= 32 else "?"
+        raise BadCommand(f'unknown command type "{shown}": nothing relayed')
+    text = obj.get("text")
+    if not isinstance(text, str):
+        raise BadCommand('a "send" command needs a string "text": nothing relayed')
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadCommand(
+            '"text" is not valid Unicode (a lone surrogate): nothing relayed'
+        ) from None
+    mid = obj.get("id")
+    if mid is not None and not (isinstance(mid, str) and _ID.fullmatch(mid)):
+        raise BadCommand('"id" must be 1 to 64 printable ASCII characters: nothing relayed')
+    return SendCommand(text, mid)
