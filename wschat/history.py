@@ -165,6 +165,8 @@ class History:
             if not evict or entry.size + size > self.maxBytes:
                 return
             self._evictFor(size, entry)
+            if self.bytes + size > self.maxBytes:
+                return
         if entry.seq < self.first or entry.seq > self.head:
             return  # no longer in the window
         if json:

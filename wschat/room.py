@@ -146,13 +146,18 @@ class Room:
         if replay is None or history is None:
             return
         history.expire()
+        if replay.epoch != history.epoch:
+            # The history started afresh (a new epoch) under this replay.
+            del self._replaying[member]
+            member.fellBehind()
+            return
         seq = replay.next
         frames = size = 0
         try:
             while seq <= history.head:
                 if not member.writable():
                     return
-                entry = history.entry(seq) if replay.epoch == history.epoch else None
+                entry = history.entry(seq)
                 if entry is None:
                     del self._replaying[member]
                     member.fellBehind()
