@@ -233,7 +233,11 @@ class RoomReplayTests(SynchronousTestCase):
         self.clock = Clock()
         self.history = History(10, 60, 1 << 20, clock=self.clock.seconds, epoch="a" * 16)
         self.room = Room(
-            prepare, Format.PREFIXED, metrics=Metrics(), now=self.clock.seconds, history=self.history
+            prepare,
+            Format.PREFIXED,
+            metrics=Metrics(),
+            now=self.clock.seconds,
+            history=self.history,
         )
 
     def send(self, n: int) -> None:
