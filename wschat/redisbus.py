@@ -53,12 +53,13 @@ HEARTBEAT = 5.0
 #: messages are refused: longer than any pause of a healthy Redis (a snapshot's fork, a slow
 #: command), short enough that a sender waiting for its echo hears why before wondering.
 STALL_TIMEOUT = 2.0
-#: PUBLISHes sent and not yet answered, at most. A healthy link has a few in flight (one round
-#: trip's worth: ~200 at 20,000 messages/s and 10 ms); this is 50 times that. Each costs its
-#: envelope plus ~1 KiB of bookkeeping (a Deferred and its timeout).
-MAX_BACKLOG = 10_000
+#: PUBLISHes sent and not yet answered, at most. A healthy link has few in flight (one round
+#: trip's worth: 20 at 20,000 messages/s and 1 ms); this leaves room for 5,000 clients
+#: sending in the same instant. Each costs its envelope plus ~4 KiB (the Deferreds, the reply
+#: timeout, the transport's buffer): a stall holds at most ~25 MiB of 1 KiB messages.
+MAX_BACKLOG = 5_000
 #: Envelope bytes sent and not yet answered, at most: 256 messages of the default 64 KiB
-#: limit, or a few seconds of a busy room's traffic.
+#: limit.
 MAX_BACKLOG_BYTES = 16 * 1024 * 1024
 
 #: Told to a sender whose message was refused because the link to Redis is down.
