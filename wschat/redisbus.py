@@ -27,7 +27,7 @@ from typing import Any
 
 import txredisapi
 from twisted.application import service
-from twisted.internet import defer, endpoints, task
+from twisted.internet import defer, endpoints, error, task
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
@@ -479,7 +479,11 @@ class RedisBus(service.Service):
         else:
             return
         if self.running:
-            self._linkChanged(why.getErrorMessage())
+            if why.check(error.ConnectionAborted):
+                # Only a reply timeout aborts: say so rather than "aborted locally".
+                self._linkChanged(f"Redis did not answer within {self.replyTimeout:g} s")
+            else:
+                self._linkChanged(why.getErrorMessage())
 
     def _refusedByRedis(self, why: str) -> None:
         if self._gaveUp or not self.running:
