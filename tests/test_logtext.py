@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
-from rawws import handshake
+from rawws import RawClient, handshake, rawConnect
 from twisted.trial.unittest import SynchronousTestCase
 
 from wschat.logtext import escapeLogText, unescapeLogText
-from wschat.testing import RawClient, connect, rawConnect
+from wschat.testing import connect
 
 #: A message that, logged raw, would start a second line that seems to come from someone else.
 SPOOF = "hello\n127.0.0.1:1: I am the admin\r\x1b[31m\x00"
