@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 import pytest_twisted
-from twisted.internet import ssl
+from twisted.internet import endpoints, reactor, ssl
 
-from wschat.testing import ProcessWatcher, connect, makeTLSFiles
+from wschat.testing import ProcessWatcher, RawClient, connect, makeTLSFiles
 
 
 def clientTLS(files, host="127.0.0.1"):
@@ -79,3 +79,23 @@ async def test_cli_client_refuses_unknown_ca(daemon, processes, tmp_path):
     assert await cli.ended == 1, cli.output
     assert "connected to" not in cli.output
     assert "certificate verify failed" in cli.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_alpn_client_gets_http_1_1(daemon, tmp_path):
+    """A TLS client offering ALPN h2 and http/1.1, as browsers and curl do, gets http/1.1."""
+    files = makeTLSFiles(tmp_path)
+    service, url = daemon("--listen", files.listen())
+    port = service.ports[0].getHost().port
+    options = ssl.optionsForClientTLS(
+        "localhost", trustRoot=files.trustRoot(), acceptableProtocols=[b"h2", b"http/1.1"]
+    )
+    endpoint = endpoints.wrapClientTLS(
+        options, endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    )
+    request = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    client = await endpoints.connectProtocol(endpoint, RawClient(request))
+    response = await client.lost
+    assert response.startswith(b"HTTP/1.1 200 "), response
+    assert b'"status": "ok"' in response
+    assert client.transport.negotiatedProtocol == b"http/1.1"

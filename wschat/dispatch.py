@@ -17,10 +17,12 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IProtocol,
     IProtocolFactory,
+    IProtocolNegotiationFactory,
     IReactorTime,
 )
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from wschat.limits import MAX_REQUEST_HEAD
 
@@ -172,11 +174,16 @@ class Dispatcher(Protocol):
             self._timer = None
 
 
+@implementer(IProtocolNegotiationFactory)
 class DispatchFactory(ServerFactory):
     """
     Listens for both: WebSocket handshakes go to ``websocket``, other requests to ``site``.
 
     The head must arrive within the WebSocket factory's ``openHandshakeTimeout``.
+
+    Behind TLS it names HTTP/1.1 as its one application protocol (ALPN): browsers and curl
+    always offer ALPN, and a TLS server whose factory names no protocol fails their handshake.
+    WebSocket (RFC 6455) runs over HTTP/1.1, so ``http/1.1`` covers both.
     """
 
     protocol = Dispatcher  # type: ignore[assignment]
@@ -188,6 +195,10 @@ class DispatchFactory(ServerFactory):
         self.site = site
         self.clock = clock
         self.deadlines = Deadlines(clock)
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """The ALPN protocols spoken here: HTTP/1.1 (and WebSocket, which starts as it)."""
+        return [b"http/1.1"]
 
     def headTimeout(self) -> float:
         return float(getattr(self.websocket, "openHandshakeTimeout", 0) or 0)
