@@ -113,6 +113,19 @@ class OriginProxyShutdownOptionsTests(SynchronousTestCase):
         self.assertIn("--allowed-origin", str(caught.exception))
         self.assertIn("scheme://host[:port]", str(caught.exception))
 
+    def test_allowedHost(self) -> None:
+        """--allowed-host repeats, and builds the policy the port applies to Host."""
+        service = makeService(parse("--allowed-host", "Chat.Example", "--allowed-host", ".corp.x"))
+        hosts = service.factory.hosts
+        self.assertEqual(
+            (hosts.allowed, hosts.domains), (frozenset({"chat.example"}), (".corp.x",))
+        )
+        self.assertTrue(makeService(parse("--allowed-host", "*")).factory.hosts.allowAll)
+        self.assertFalse(makeService(parse()).factory.hosts.allows("evil.example"))
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("--allowed-host", "https://chat.example")
+        self.assertIn("--allowed-host", str(caught.exception))
+
     def test_trustForwardedFor(self) -> None:
         """--trust-forwarded-for takes a hop count to the factory; a negative one is refused."""
         self.assertEqual(makeService(parse("--trust-forwarded-for", "2")).factory.trustedHops, 2)

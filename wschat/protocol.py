@@ -48,7 +48,7 @@ from wschat.closing import (
     closeAll,
     closeWith,
 )
-from wschat.handshake import OriginPolicy, forwardedClient, senderAddress
+from wschat.handshake import HostPolicy, OriginPolicy, forwardedClient, senderAddress
 from wschat.limits import ConnectionCounter, Limits, TokenBucket, hostKey
 from wschat.metrics import REFUSED_BINARY, REFUSED_RATE_LIMIT, REFUSED_RELAY, Metrics
 from wschat.room import Room
@@ -329,6 +329,7 @@ class ChatServerFactory(WebSocketServerFactory):
         logConnections: bool = True,
         metrics: Metrics | None = None,
         origins: OriginPolicy | None = None,
+        hosts: HostPolicy | None = None,
         trustedHops: int = 0,
         limits: Limits | None = None,
         compression: bool = False,
@@ -365,6 +366,8 @@ class ChatServerFactory(WebSocketServerFactory):
         self.logMessages = logMessages
         self.logConnections = logConnections
         self.origins = origins if origins is not None else OriginPolicy()
+        #: The Host names the daemon answers to; the dispatcher in front applies it.
+        self.hosts = hosts if hosts is not None else HostPolicy.fromList([])
         self.trustedHops = trustedHops
         self.shuttingDown = False
 

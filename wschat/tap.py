@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from wschat.bus import DEFAULT_CHANNEL, RedisBus, parseChannel, parseRedisURL
 from wschat.dispatch import DispatchFactory
-from wschat.handshake import OriginPolicy
+from wschat.handshake import HostPolicy, OriginPolicy, listensOnLoopbackOnly
 from wschat.limits import Limits, parseSize
 from wschat.protocol import DEFAULT_WELCOME, ChatServerFactory
 from wschat.tuning import freezeStartupObjects, raiseFileLimit, withBacklog
@@ -225,6 +225,7 @@ class Options(usage.Options):
         self["listen"] = []
         self["metrics-listen"] = None
         self["allowed-origin"] = []
+        self["allowed-host"] = []
 
     def opt_listen(self, description: str) -> None:
         """
@@ -244,12 +245,25 @@ class Options(usage.Options):
             raise usage.UsageError(f"--allowed-origin: {e}") from None
         self["allowed-origin"].append(origin)
 
+    def opt_allowed_host(self, host: str) -> None:
+        """
+        Answer requests for HOST too (chat.example.com; .example.com: it and every name under
+        it; '*': any). Repeatable. Always answered: localhost, loopback addresses, the address
+        a connection arrived at, and this machine's host name.
+        """
+        try:
+            HostPolicy.fromList([host], own=())
+        except ValueError as e:
+            raise usage.UsageError(f"--allowed-host: {e}") from None
+        self["allowed-host"].append(host)
+
     def opt_metrics_listen(self, description: str) -> None:
         """Serve /metrics on this endpoint, not the chat port (tcp:9100:interface=127.0.0.1)."""
         self["metrics-listen"] = _endpoint("--metrics-listen", description)
 
     def postOptions(self) -> None:
         self["origins"] = OriginPolicy.fromList(self["allowed-origin"])
+        self["hosts"] = HostPolicy.fromList(self["allowed-host"])
         if self["no-metrics"] and self["metrics-listen"] is not None:
             raise usage.UsageError("--no-metrics and --metrics-listen contradict each other")
         # JSON is not a daemon's format: each client asks for it (subprotocol wschat.json).
@@ -300,6 +314,7 @@ def makeFactory(options: Options) -> ChatServerFactory:
         logMessages=not options["no-message-log"],
         logConnections=not options["no-connection-log"],
         origins=options["origins"],
+        hosts=options["hosts"],
         trustedHops=options["trust-forwarded-for"],
         limits=limitsFromOptions(options),
         compression=options["compression"],
@@ -332,7 +347,7 @@ class ChatService(service.MultiService):
         self.clock = clock
         self.endpoints: list[LoggingEndpoint] = []
         # One port serves both: each connection goes to the room or the site by its first request.
-        chat = DispatchFactory(factory, self.site, factory.reactor)
+        chat = DispatchFactory(factory, self.site, factory.reactor, hosts=factory.hosts)
         for description in descriptions:
             self.endpoints.append(self._listen(description, chat))
         self.metricsEndpoint: LoggingEndpoint | None = None
@@ -380,8 +395,32 @@ class ChatService(service.MultiService):
         return maybeDeferred(super().stopService).addCallback(closeClients)
 
 
+def warnAboutHosts(options: Options) -> None:
+    """
+    Say at start-up which Host names a daemon reachable from other machines answers to, when
+    no --allowed-host lists any: requests for other names (a DNS name, a proxy's) get 403.
+    """
+    if options["allowed-host"]:
+        return
+    for description in options["listen"]:
+        if not listensOnLoopbackOnly(description):
+            names = sorted(options["hosts"].own)
+            _log.warn(
+                "{description} is not loopback only, and no --allowed-host is given: requests "
+                "are answered only for localhost, the address they arrive at{names}; give "
+                "--allowed-host NAME for each name clients use (a DNS name, a proxy's)",
+                description=description,
+                names="".join(f", {name}" for name in names),
+            )
+            return
+
+
+_log = Logger()
+
+
 def makeService(options: Options) -> ChatService:
     raiseFileLimit()
+    warnAboutHosts(options)
     factory = makeFactory(options)
     chat = ChatService(
         factory,
