@@ -260,3 +260,19 @@ async def test_all_interfaces_answers_own_names_and_warns(daemon, logged):
     ]:
         response = await rawExchange(url, get("/healthz", host, "Connection: close"))
         assert status(response) == expected, host
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_listener_guarded_too(daemon):
+    """--metrics-listen's port refuses bodies (413) and other names (403) as the chat port does."""
+    service, _ = daemon("--metrics-listen", "tcp:0:interface=127.0.0.1")
+    assert service.metricsEndpoint is not None and service.metricsEndpoint.port is not None
+    url = f"http://127.0.0.1:{service.metricsEndpoint.port.getHost().port}"
+    host = hostOf(url)
+    head = b"POST /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    client = await rawConnect(url, RawClient(head))
+    assert status(await answer(client)) == b"HTTP/1.1 413 Content Too Large"
+    response = await rawExchange(url, get("/metrics", "evil.example", "Connection: close"))
+    assert status(response) == b"HTTP/1.1 403 Forbidden"
+    response = await rawExchange(url, get("/metrics", host, "Connection: close"))
+    assert status(response) == b"HTTP/1.1 200 OK"

@@ -231,8 +231,9 @@ class Dispatcher(Protocol):
         if self._site is not None:
             self._site.dataReceived(head)
             return True
-        upgrade = isWebSocketUpgrade(head[:-4])
-        target = self.factory.websocket if upgrade else self.factory.site
+        websocket = self.factory.websocket
+        upgrade = websocket is not None and isWebSocketUpgrade(head[:-4])
+        target = websocket if upgrade and websocket is not None else self.factory.site
         inner = target.buildProtocol(self._addr)
         if inner is None:
             self.transport.loseConnection()
@@ -296,7 +297,8 @@ class Dispatcher(Protocol):
 @implementer(IProtocolNegotiationFactory)
 class DispatchFactory(ServerFactory):
     """
-    Listens for both: WebSocket handshakes go to ``websocket``, other requests to ``site``.
+    Listens for both: WebSocket handshakes go to ``websocket``, other requests to ``site``
+    (every request, when ``websocket`` is None).
 
     The head must arrive within the WebSocket factory's ``openHandshakeTimeout``.
 
@@ -309,12 +311,16 @@ class DispatchFactory(ServerFactory):
 
     def __init__(
         self,
-        websocket: IProtocolFactory,
+        websocket: IProtocolFactory | None,
         site: IProtocolFactory,
         clock: IReactorTime,
         hosts: HostPolicy | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.websocket = websocket
+        #: Seconds each request head has to arrive, when not the WebSocket factory's
+        #: ``openHandshakeTimeout`` (as with no WebSocket factory).
+        self.timeout = timeout
         self.site = site
         self.clock = clock
         self.deadlines = Deadlines(clock)
@@ -373,6 +379,8 @@ class DispatchFactory(ServerFactory):
         return [b"http/1.1"]
 
     def headTimeout(self) -> float:
+        if self.timeout is not None:
+            return self.timeout
         return float(getattr(self.websocket, "openHandshakeTimeout", 0) or 0)
 
     def buildProtocol(self, addr: IAddress) -> Dispatcher:  # type: ignore[override]
@@ -381,9 +389,11 @@ class DispatchFactory(ServerFactory):
         return dispatcher
 
     def startFactory(self) -> None:
-        self.websocket.doStart()
+        if self.websocket is not None:
+            self.websocket.doStart()
         self.site.doStart()
 
     def stopFactory(self) -> None:
-        self.websocket.doStop()
+        if self.websocket is not None:
+            self.websocket.doStop()
         self.site.doStop()

@@ -353,7 +353,15 @@ class ChatService(service.MultiService):
         self.metricsEndpoint: LoggingEndpoint | None = None
         if metrics and metricsListen is not None:
             metricsSite = makeMetricsSite(factory, self.accepting)
-            self.metricsEndpoint = self._listen(metricsListen, metricsSite, "wschat metrics")
+            # Its requests are guarded as the chat port's are; WebSocket is not spoken there.
+            guarded = DispatchFactory(
+                None,
+                metricsSite,
+                factory.reactor,
+                hosts=factory.hosts,
+                timeout=factory.limits.handshakeTimeout,
+            )
+            self.metricsEndpoint = self._listen(metricsListen, guarded, "wschat metrics")
 
     def _listen(
         self, description: str, factory: IProtocolFactory, what: str = "wschat"
@@ -395,6 +403,9 @@ class ChatService(service.MultiService):
         return maybeDeferred(super().stopService).addCallback(closeClients)
 
 
+_log = Logger()
+
+
 def warnAboutHosts(options: Options) -> None:
     """
     Say at start-up which Host names a daemon reachable from other machines answers to, when
@@ -413,9 +424,6 @@ def warnAboutHosts(options: Options) -> None:
                 names="".join(f", {name}" for name in names),
             )
             return
-
-
-_log = Logger()
 
 
 def makeService(options: Options) -> ChatService:
