@@ -213,6 +213,8 @@ class HostPolicyTests(SynchronousTestCase):
             "127.0.0.1",
             "127.9.9.9:80",
             "[::1]:2000",
+            "::1",
+            "::1:2000",
             "192.0.2.10:2000",
             "mybox",
             None,
@@ -241,7 +243,7 @@ class HostPolicyTests(SynchronousTestCase):
     def test_malformed(self) -> None:
         """A Host that is not host[:port] raises; so does a listed value that is no name."""
         policy = HostPolicy.fromList([], own=[])
-        for host in ["a/b", "a b", "x:notaport", ""]:
+        for host in ["a/b", "a b", "x:notaport", "", "::1:x", "a:b:c"]:
             with self.subTest(host=host):
                 self.assertRaises(ValueError, policy.allows, host)
         for text in ["http://x", "a b", "", "x/y", "a:b:c"]:

@@ -172,6 +172,25 @@ def _isAddress(text: str) -> bool:
     return True
 
 
+def _hostName(host: str) -> str:
+    """
+    The name in a ``Host`` header, without its port, in canonical form. An IPv6 address
+    without brackets (``::1:2000``, as Autobahn's client writes it) is taken as address and
+    port when it has a port, else as an address.
+
+    @raise ValueError: if ``host`` is not a host with an optional port.
+    """
+    host = host.strip()
+    if host.count(":") > 1 and not host.startswith("["):
+        address, _, port = host.rpartition(":")
+        if port.isdigit() and _isAddress(address):
+            return _canonicalName(address)
+        if _isAddress(host):
+            return _canonicalName(host)
+        raise ValueError(f"{host!r} is not a host[:port]")
+    return _canonicalName(parseHost(host, False)[0])
+
+
 def machineNames() -> frozenset[str]:
     """The machine's own host name (as ``hostname`` prints it), in canonical form."""
     name = socket.gethostname()
@@ -225,7 +244,7 @@ class HostPolicy:
         """
         if host is None:
             return True
-        name = _canonicalName(parseHost(host, False)[0])
+        name = _hostName(host)
         if not (_HOST_NAME.match(name) or _isAddress(name)):
             raise ValueError(f"{host!r} is not a host name or address")
         if self.allowAll:
