@@ -35,6 +35,7 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IProtocolNegotiationFactory,
     IReactorTime,
+    ISSLTransport,
 )
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.python.failure import Failure
@@ -271,7 +272,12 @@ class Dispatcher(Protocol):
         self._head = bytearray()
         self.factory.deadlines.discard(self)
         self.transport.write(response)
-        self.transport.loseWriteConnection()  # type: ignore[attr-defined]
+        if ISSLTransport.providedBy(self.transport):
+            # TLS closes its own way (close_notify, then the peer's); half-closing the TCP
+            # connection beneath it would break Twisted's TLS shutdown when the peer answers.
+            self.transport.loseConnection()
+        else:
+            self.transport.loseWriteConnection()  # type: ignore[attr-defined]
         self._timer = self.factory.clock.callLater(LINGER, self.timedOut)
 
     def _discard(self, data: bytes) -> None:
