@@ -22,7 +22,7 @@ from zope.interface import implementer
 from wschat.bus import Bus, LocalBus
 from wschat.closing import closeAll
 from wschat.dispatch import DispatchFactory
-from wschat.handshake import OriginPolicy
+from wschat.handshake import HostPolicy, OriginPolicy
 from wschat.limits import ConnectionCounter, Limits
 from wschat.metrics import Metrics
 from wschat.protocol import ChatServerFactory, ChatServerProtocol
@@ -90,6 +90,7 @@ class ChatServer(service.MultiService):
         logConnections: bool = True,
         metrics: Metrics | None = None,
         origins: OriginPolicy | None = None,
+        hosts: HostPolicy | None = None,
         trustedHops: int = 0,
         limits: Limits | None = None,
         compression: bool = False,
@@ -113,6 +114,8 @@ class ChatServer(service.MultiService):
         self.logMessages = logMessages
         self.logConnections = logConnections
         self.origins = origins if origins is not None else OriginPolicy()
+        #: The Host names the daemon answers to; the dispatcher in front of each port applies it.
+        self.hosts = hosts if hosts is not None else HostPolicy.fromList([])
         self.trustedHops = trustedHops
         self.shutdownTimeout = shutdownTimeout
         self.shuttingDown = False
@@ -126,13 +129,17 @@ class ChatServer(service.MultiService):
         self.site = makeSite(self, serveMetrics and metricsListen is None)
         self.endpoints: list[LoggingEndpoint] = []
         # One port serves both: each connection goes to the room or the site by its first request.
-        chat = DispatchFactory(self.factory, self.site, reactor)
+        chat = DispatchFactory(self.factory, self.site, reactor, hosts=self.hosts)
         for description in listen:
             self.endpoints.append(self._listen(description, chat))
         self.metricsEndpoint: LoggingEndpoint | None = None
         if serveMetrics and metricsListen is not None:
             metricsSite = makeMetricsSite(self)
-            self.metricsEndpoint = self._listen(metricsListen, metricsSite, "wschat metrics")
+            # Its requests are guarded as the chat port's are; WebSocket is not spoken there.
+            guarded = DispatchFactory(
+                None, metricsSite, reactor, hosts=self.hosts, timeout=limits.handshakeTimeout
+            )
+            self.metricsEndpoint = self._listen(metricsListen, guarded, "wschat metrics")
 
     def _listen(
         self, description: str, factory: IProtocolFactory, what: str = "wschat"

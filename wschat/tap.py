@@ -10,9 +10,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import endpoints
+from twisted.logger import Logger
 from twisted.python import usage
 
-from wschat.handshake import OriginPolicy
+from wschat.handshake import HostPolicy, OriginPolicy, listensOnLoopbackOnly
 from wschat.limits import Limits, parseSize
 from wschat.redisaddress import DEFAULT_CHANNEL, parseChannel, parseRedisURL
 from wschat.server import DEFAULT_WELCOME, ChatServer
@@ -216,6 +217,7 @@ class Options(usage.Options):
         self["listen"] = []
         self["metrics-listen"] = None
         self["allowed-origin"] = []
+        self["allowed-host"] = []
 
     def opt_listen(self, description: str) -> None:
         """
@@ -235,12 +237,25 @@ class Options(usage.Options):
             raise usage.UsageError(f"--allowed-origin: {e}") from None
         self["allowed-origin"].append(origin)
 
+    def opt_allowed_host(self, host: str) -> None:
+        """
+        Answer requests for HOST too (chat.example.com; .example.com: it and every name under
+        it; '*': any). Repeatable. Always answered: localhost, loopback addresses, the address
+        a connection arrived at, and this machine's host name.
+        """
+        try:
+            HostPolicy.fromList([host], own=())
+        except ValueError as e:
+            raise usage.UsageError(f"--allowed-host: {e}") from None
+        self["allowed-host"].append(host)
+
     def opt_metrics_listen(self, description: str) -> None:
         """Serve /metrics on this endpoint, not the chat port (tcp:9100:interface=127.0.0.1)."""
         self["metrics-listen"] = _endpoint("--metrics-listen", description)
 
     def postOptions(self) -> None:
         self["origins"] = OriginPolicy.fromList(self["allowed-origin"])
+        self["hosts"] = HostPolicy.fromList(self["allowed-host"])
         if self["no-metrics"] and self["metrics-listen"] is not None:
             raise usage.UsageError("--no-metrics and --metrics-listen contradict each other")
         # JSON is not a daemon's format: each client asks for it (subprotocol wschat.json).
@@ -263,12 +278,14 @@ def buildServer(options: Options, reactor: Any = None) -> ChatServer:
 
     It leaves the process alone: an embedding program or a test gets a server and nothing else.
     """
+    warnAboutHosts(options)
     server = ChatServer(
         fmt=options["format"],
         welcome=options["welcome"],
         logMessages=not options["no-message-log"],
         logConnections=not options["no-connection-log"],
         origins=options["origins"],
+        hosts=options["hosts"],
         trustedHops=options["trust-forwarded-for"],
         limits=limitsFromOptions(options),
         compression=options["compression"],
@@ -299,6 +316,29 @@ def redisBusClass() -> type[RedisBus]:
             "pip install 'wschat[redis]'"
         ) from None
     return RedisBus
+
+
+_log = Logger()
+
+
+def warnAboutHosts(options: Options) -> None:
+    """
+    Say at start-up which Host names a daemon reachable from other machines answers to, when
+    no --allowed-host lists any: requests for other names (a DNS name, a proxy's) get 403.
+    """
+    if options["allowed-host"]:
+        return
+    for description in options["listen"]:
+        if not listensOnLoopbackOnly(description):
+            names = sorted(options["hosts"].own)
+            _log.warn(
+                "{description} is not loopback only, and no --allowed-host is given: requests "
+                "are answered only for localhost, the address they arrive at{names}; give "
+                "--allowed-host NAME for each name clients use (a DNS name, a proxy's)",
+                description=description,
+                names="".join(f", {name}" for name in names),
+            )
+            return
 
 
 def makeService(options: Options) -> ChatServer:

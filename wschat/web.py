@@ -26,6 +26,8 @@ from twisted.web.pages import errorPage, notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
+from wschat.limits import MAX_REQUEST_HEAD
+
 if TYPE_CHECKING:
     from wschat.server import ChatServer
 
@@ -126,8 +128,24 @@ class HealthResource(ReadOnly):
         return json.dumps(body).encode("utf-8") + b"\n"
 
 
+class ChatChannel(http.HTTPChannel):
+    """
+    An HTTP/1.1 channel that takes request heads up to :data:`MAX_REQUEST_HEAD`, as the
+    dispatcher in front of it does for WebSocket handshakes (Twisted's own limit is 16 KiB,
+    past which it closes without an answer); larger ones get 431 from the dispatcher.
+    """
+
+    MAX_LENGTH = MAX_REQUEST_HEAD
+    totalHeadersSize = MAX_REQUEST_HEAD
+
+
 class ChatSite(Site):
-    """A :class:`Site` that leaves health checks and metric scrapes out of the access log."""
+    """
+    A :class:`Site` that leaves health checks and metric scrapes out of the access log, and
+    speaks HTTP/1.1 only (no HTTP/2: the dispatcher names http/1.1 for ALPN).
+    """
+
+    protocol = ChatChannel  # type: ignore[assignment]
 
     def log(self, request: http.Request) -> None:
         if request.path in QUIET_PATHS:
