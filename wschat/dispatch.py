@@ -314,6 +314,7 @@ class DispatchFactory(ServerFactory):
     """
 
     protocol = Dispatcher  # type: ignore[assignment]
+    noisy = False  # the server logs where it listens; no "Starting factory" lines
 
     def __init__(
         self,

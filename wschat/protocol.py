@@ -310,6 +310,7 @@ class ChatServerFactory(WebSocketServerFactory):
     """
 
     protocol = ChatServerProtocol  # type: ignore[assignment]
+    noisy = False  # no "Starting factory" line at start
 
     def __init__(self, chatServer: ChatServer, **kwargs: Any) -> None:
         kwargs.setdefault("server", "wschat")
