@@ -6,6 +6,10 @@ Every byte read so far goes along with the connection, so nothing a client sends
 its handshake is lost, and a WebSocket handshake is parsed once, by Autobahn. (Twisted web's
 ``WebSocketResource`` route parses it twice, drops bytes that follow the head, and leaves an
 HTTP channel behind for every WebSocket connection.)
+
+A WebSocket connection over plain TCP is handed over behind its one writer
+(:class:`wschat.fastwrite.FastTransport`), so every write to it, the handshake response
+included, takes the fast path.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.python.failure import Failure
 
+from wschat import fastwrite
 from wschat.limits import MAX_REQUEST_HEAD
 
 #: Seconds a refused connection is read from, and discarded, before it is dropped.
@@ -135,11 +140,15 @@ class Dispatcher(Protocol):
             self.transport.loseConnection()
             return
         self._inner = inner
+        transport = self.transport
         if upgrade:
             # The whole head is here, so Autobahn's handshake completes within this call:
             # its own timer for the handshake would start and stop unused.
             inner.openHandshakeTimeout = 0  # type: ignore[attr-defined]
-        inner.makeConnection(self.transport)
+            turns = self.factory.turns
+            if turns is not None:
+                transport = fastwrite.wrap(transport, turns)
+        inner.makeConnection(transport)
         inner.dataReceived(head)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -176,18 +185,25 @@ class DispatchFactory(ServerFactory):
     """
     Listens for both: WebSocket handshakes go to ``websocket``, other requests to ``site``.
 
-    The head must arrive within the WebSocket factory's ``openHandshakeTimeout``.
+    The head must arrive within the WebSocket factory's ``openHandshakeTimeout``. With
+    ``fastWrite`` (the default), WebSocket connections over plain TCP get a
+    :class:`wschat.fastwrite.FastTransport`, whose turns end on ``clock``.
     """
 
     protocol = Dispatcher  # type: ignore[assignment]
 
     def __init__(
-        self, websocket: IProtocolFactory, site: IProtocolFactory, clock: IReactorTime
+        self,
+        websocket: IProtocolFactory,
+        site: IProtocolFactory,
+        clock: IReactorTime,
+        fastWrite: bool = True,
     ) -> None:
         self.websocket = websocket
         self.site = site
         self.clock = clock
         self.deadlines = Deadlines(clock)
+        self.turns = fastwrite.Turns(clock) if fastWrite else None
 
     def headTimeout(self) -> float:
         return float(getattr(self.websocket, "openHandshakeTimeout", 0) or 0)

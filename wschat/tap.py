@@ -218,6 +218,12 @@ class Options(usage.Options):
             None,
             "Offer permessage-deflate compression (costs CPU and memory per client).",
         ],
+        [
+            "no-fast-write",
+            None,
+            "Write through Twisted's transport buffers only, not straight to the socket "
+            "(slower; to measure against).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -323,6 +329,7 @@ class ChatService(service.MultiService):
         metrics: bool = True,
         shutdownTimeout: float = 5.0,
         clock: IReactorTime | None = None,
+        fastWrite: bool = True,
     ) -> None:
         super().__init__()
         self.factory = factory
@@ -332,7 +339,7 @@ class ChatService(service.MultiService):
         self.clock = clock
         self.endpoints: list[LoggingEndpoint] = []
         # One port serves both: each connection goes to the room or the site by its first request.
-        chat = DispatchFactory(factory, self.site, factory.reactor)
+        chat = DispatchFactory(factory, self.site, factory.reactor, fastWrite)
         for description in descriptions:
             self.endpoints.append(self._listen(description, chat))
         self.metricsEndpoint: LoggingEndpoint | None = None
@@ -389,6 +396,7 @@ def makeService(options: Options) -> ChatService:
         metricsListen=options["metrics-listen"],
         metrics=not options["no-metrics"],
         shutdownTimeout=options["shutdown-timeout"],
+        fastWrite=not options["no-fast-write"],
     )
     if options["redis"] is not None:
         bus = RedisBus(factory.room, options["redis"], options["channel"])
