@@ -22,6 +22,10 @@ on a kept-alive HTTP connection, before anything parses it:
 
 Each refusal closes the connection. Since no request has a body, an HTTP connection's next
 request starts right after the head before it.
+
+A WebSocket connection over plain TCP is handed over behind its one writer
+(:class:`wschat.fastwrite.FastTransport`), so every write to it, the handshake response
+included, takes the fast path.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from wschat import fastwrite
 from wschat.handshake import HostPolicy
 from wschat.limits import MAX_REQUEST_HEAD
 
@@ -245,7 +250,11 @@ class Dispatcher(Protocol):
             # The whole head is here, so Autobahn's handshake completes within this call:
             # its own timer for the handshake would start and stop unused.
             inner.openHandshakeTimeout = 0  # type: ignore[attr-defined]
-            inner.makeConnection(self.transport)
+            turns = self.factory.turns
+            transport = self.transport
+            if turns is not None:
+                transport = fastwrite.wrap(transport, turns)
+            inner.makeConnection(transport)
             inner.dataReceived(head + rest)
             return False
         self._site = inner
@@ -311,6 +320,10 @@ class DispatchFactory(ServerFactory):
     Behind TLS it names HTTP/1.1 as its one application protocol (ALPN): browsers and curl
     always offer ALPN, and a TLS server whose factory names no protocol fails their handshake.
     WebSocket (RFC 6455) runs over HTTP/1.1, so ``http/1.1`` covers both.
+
+
+    With ``fastWrite`` (the default), WebSocket connections over plain TCP get a
+    :class:`wschat.fastwrite.FastTransport`, whose turns end on ``clock``.
     """
 
     protocol = Dispatcher  # type: ignore[assignment]
@@ -323,6 +336,7 @@ class DispatchFactory(ServerFactory):
         clock: IReactorTime,
         hosts: HostPolicy | None = None,
         timeout: float | None = None,
+        fastWrite: bool = True,
     ) -> None:
         self.websocket = websocket
         #: Seconds each request head has to arrive, when not the WebSocket factory's
@@ -331,6 +345,7 @@ class DispatchFactory(ServerFactory):
         self.site = site
         self.clock = clock
         self.deadlines = Deadlines(clock)
+        self.turns = fastwrite.Turns(clock) if fastWrite else None
         #: Which Host values name the daemon (default: its own names only).
         self.hosts = hosts if hosts is not None else HostPolicy.fromList([])
         #: Connections open on this factory's ports, refused ones aside.

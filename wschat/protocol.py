@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from wschat import fastwrite, lean
+from wschat import lean
 from wschat.closing import (
     GOING_AWAY,
     POLICY_VIOLATION,
@@ -49,8 +49,7 @@ HTTP_TOO_MANY_REQUESTS = 429
 
 
 @implementer(IPushProducer)
-# (mypy compares Autobahn's own base classes once there are two bases: not ours to fix.)
-class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # type: ignore[misc]
+class ChatServerProtocol(WebSocketServerProtocol):
     """
     One client connection: hands what it receives to the room, and delivers the room's frames.
 
@@ -70,6 +69,8 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
     _paused = False
     _unsent = 0
     _maxQueue = Limits().maxQueue
+    # No extension (compression) negotiated: a prepared frame's bytes are what goes on the wire.
+    _plainFrames = False
     # Per-connection message rate limit, when there is one.
     _bucket: TokenBucket | None = None
     # What this connection counts as in the per-address limit, once counted.
@@ -124,7 +125,6 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
-        self.forgetWriter()
         # The dead transport still holds what it could not send (up to --max-queue and its
         # own 64 KiB). Autobahn's is_closed Deferred keeps this protocol in a reference
         # cycle that only a full garbage collection frees, so let go of the transport now.
@@ -167,6 +167,7 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         self._hostKey = key
 
     def onOpen(self) -> None:
+        self._plainFrames = not self.websocket_extensions_in_use
         server = self.factory.chatServer
         server.room.join(self, self.format)
         server.metrics.connectionOpened()
@@ -234,13 +235,14 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
             # The hot path: one attribute test while the client keeps up.
             if self._paused and self._overQueue(len(frame.payloadHybi)):
                 return
-            w = self._writer
-            if w:
-                # The fast path, inlined: this line runs for every client on every message.
-                w.write(frame.payloadHybi)
+            if self._plainFrames:
+                # This line runs for every client on every message. Autobahn would write the
+                # same bytes (its sendData), and queues nothing of its own in front of them:
+                # wschat never asks it for a chopped or sync send.
+                self.transport.write(frame.payloadHybi)  # type: ignore[union-attr]
                 return
             try:
-                self.sendPreparedFast(frame)
+                self.sendPreparedMessage(frame)
             except Disconnected:
                 pass
 

@@ -113,6 +113,8 @@ class ChatServer(service.MultiService):
     @param welcome: the greeting each new client gets ('' for none).
     @param reactor: runs the connections and stamps the time; the global reactor unless given.
     @param clock: times the shutdown bound; ``reactor`` unless given.
+    @param fastWrite: WebSocket connections over plain TCP write through
+        :class:`wschat.fastwrite.FastTransport` (``--no-fast-write`` turns it off).
     """
 
     _log = Logger()
@@ -130,6 +132,7 @@ class ChatServer(service.MultiService):
         trustedHops: int = 0,
         limits: Limits | None = None,
         compression: bool = False,
+        fastWrite: bool = True,
         listen: Sequence[str] = (),
         metricsListen: str | None = None,
         serveMetrics: bool = True,
@@ -165,7 +168,9 @@ class ChatServer(service.MultiService):
         self.site = makeSite(self, serveMetrics and metricsListen is None)
         self.endpoints: list[LoggingEndpoint] = []
         # One port serves both: each connection goes to the room or the site by its first request.
-        chat = DispatchFactory(self.factory, self.site, reactor, hosts=self.hosts)
+        chat = DispatchFactory(
+            self.factory, self.site, reactor, hosts=self.hosts, fastWrite=fastWrite
+        )
         for description in listen:
             self.endpoints.append(self._listen(description, chat))
         self.metricsEndpoint: LoggingEndpoint | None = None

@@ -255,6 +255,12 @@ class Options(usage.Options):
             None,
             "Offer permessage-deflate compression (costs CPU and memory per client).",
         ],
+        [
+            "no-fast-write",
+            None,
+            "Write through Twisted's transport buffers only, not straight to the socket "
+            "(slower; to measure against).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -339,6 +345,7 @@ def buildServer(options: Options, reactor: Any = None) -> ChatServer:
         trustedHops=options["trust-forwarded-for"],
         limits=limitsFromOptions(options),
         compression=options["compression"],
+        fastWrite=not options["no-fast-write"],
         listen=options["listen"],
         metricsListen=options["metrics-listen"],
         serveMetrics=not options["no-metrics"],
