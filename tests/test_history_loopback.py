@@ -120,7 +120,7 @@ async def cutAndRecover(daemon: Any, byServer: bool) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_cut_by_server_recovers_exactly_the_missed(daemon):
-    """A client the daemon cuts at the TCP level, back with since=, misses nothing, twice nothing."""
+    """A client the daemon cuts at the TCP level, back with since=, gets exactly the missed."""
     await cutAndRecover(daemon, byServer=True)
 
 
