@@ -139,6 +139,7 @@ class History:
         """
         if position.epoch != self.epoch or position.seq != self.head + 1:
             self._restart(position.epoch)
+            self.head = position.seq - 1
         return self.appendNext(message, when)
 
     def appendNext(self, message: Message, when: float) -> Entry:
