@@ -5,14 +5,25 @@ what the terminal protocol writes), and the real client in a real pseudo-termina
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
+import struct
+import sys
+import termios
+from collections.abc import Callable
 
 import pyte
 import pytest
+import pytest_twisted
 import wcwidth
+from twisted.internet import defer, utils
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from wschat.terminal import (
     PALETTE,
@@ -28,6 +39,7 @@ from wschat.terminal import (
     textWidth,
     wrapTokens,
 )
+from wschat.testing import closeAll, connect, findExecutable
 
 # -- pure pieces
 
@@ -320,6 +332,12 @@ class Control:
         self.quits += 1
 
 
+def pyteColour(style: str) -> str:
+    """pyte's name for the foreground colour of an SGR style (30-37 and bright 90-97)."""
+    code = int(style)
+    return (pyte.graphics.FG_ANSI if code < 90 else pyte.graphics.FG_AIXTERM)[code]
+
+
 class MemoryTerminal:
     """A ChatTerminal writing to a pyte screen of ``columns`` x ``lines``."""
 
@@ -414,8 +432,7 @@ def test_own_messages_and_sender_colours():
     assert t.screen.buffer[y][x].bold
     y = t.row("theirs")
     x = t.display[y].index("127.0.0.1:2")
-    colour = senderStyle("127.0.0.1:2", True)
-    assert t.screen.buffer[y][x].fg == pyte.graphics.FG_ANSI[int(colour)]
+    assert t.screen.buffer[y][x].fg == pyteColour(senderStyle("127.0.0.1:2", True))
     plain = MemoryTerminal(colour=False)
     plain.ui.showMessage("127.0.0.1:2", "theirs", None, False)
     y = plain.row("theirs")
@@ -525,3 +542,290 @@ def test_rendered_rows_reset_their_style():
     row = wrapTokens(safeTokens("x\x1b", "31"), 10)[0]
     assert renderRow(row) == "\x1b[31mx\x1b[0m\x1b[31;7m\\x1b\x1b[0m"
     assert charWidth("x") == 1
+
+
+# -- the real client in a real pseudo-terminal
+
+#: How long a test waits for the screen to show something before it fails.
+SCREEN_TIMEOUT = 30.0
+
+
+def setSize(fd: int, columns: int, lines: int) -> None:
+    """Set the pty's window size (TIOCSWINSZ); the kernel sends SIGWINCH to its programs."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
+
+
+class PtyClient(ProcessProtocol):
+    """
+    ``python -m wschat.client`` on a pseudo-terminal, its screen read by pyte; tests wait on
+    what the screen shows, checked each time the client writes.
+    """
+
+    def __init__(self, columns: int, lines: int) -> None:
+        self.screen = pyte.Screen(columns, lines)
+        self.stream = pyte.ByteStream(self.screen)
+        self.raw = b""
+        self._waiters: list[tuple[Callable[[], bool], defer.Deferred[None]]] = []
+        self.ended: defer.Deferred[int | None] = defer.Deferred()
+        self.sttyBefore = ""
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self.raw += data
+        self.stream.feed(data)
+        self._check()
+
+    def _check(self) -> None:
+        for waiter in list(self._waiters):
+            if waiter[0]():
+                self._waiters.remove(waiter)
+                waiter[1].callback(None)
+
+    @property
+    def display(self) -> list[str]:
+        return [line.rstrip() for line in self.screen.display]
+
+    @property
+    def input(self) -> str:
+        return self.display[self.screen.cursor.y]
+
+    @property
+    def status(self) -> str:
+        return self.display[self.screen.cursor.y - 1]
+
+    def shows(self, text: str) -> bool:
+        return any(text in line for line in self.display)
+
+    async def waitUntil(self, condition: Callable[[], bool], what: str) -> None:
+        """Wait (bounded) until ``condition`` holds of the screen."""
+        from twisted.internet import reactor
+
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append((condition, d))
+        self._check()
+        d.addTimeout(SCREEN_TIMEOUT, reactor)
+        try:
+            await d
+        except defer.TimeoutError:
+            screen = "\n".join(self.display)
+            raise AssertionError(f"the screen never showed {what}:\n{screen}") from None
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(getattr(reason.value, "exitCode", None))
+
+
+@pytest.fixture
+def pty(tmp_path):
+    """
+    Start the client on a fresh pty with ``await pty(url, *args, columns=, lines=, env=)``;
+    returns the client (with ``sttyBefore``, the pty's ``stty -a`` before the client ran), the
+    pty's master fd and its device name. Killed after the test if still running.
+    """
+    from twisted.internet import reactor
+
+    started: list[tuple[PtyClient, int]] = []
+
+    async def start(url, *args, columns=80, lines=24, env=None):
+        master, slave = os.openpty()
+        name = os.ttyname(slave)
+        setSize(master, columns, lines)
+        client = PtyClient(columns, lines)
+        client.sttyBefore = await stty(name)
+        environment = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": os.environ.get("HOME", "/"),
+            "LANG": "C.UTF-8",
+            "TERM": "xterm-256color",
+            **(env or {}),
+        }
+        argv = [sys.executable, "-m", "wschat.client", "--url", url, *args]
+        # A copy of the master keeps the pty there after the client exits, for stty to read.
+        keep = os.dup(master)
+        reactor.spawnProcess(
+            client,
+            sys.executable,
+            argv,
+            env=environment,
+            path=str(tmp_path),
+            usePTY=(master, slave, name),
+        )
+        started.append((client, keep))
+        return client, keep, name
+
+    yield start
+    for client, keep in started:
+        if not client.ended.called and client.transport is not None:
+            client.transport.signalProcess("KILL")
+            pytest_twisted.blockon(client.ended)
+        os.close(keep)
+
+
+async def stty(name: str) -> str:
+    """``stty -a`` of the terminal ``name``."""
+    out = await utils.getProcessOutput(findExecutable("stty"), ["-a", "-F", name], env=os.environ)
+    return out.decode()
+
+
+async def roomWithTwo(daemon, pty, *args, env=None, columns=80, lines=24):
+    """A daemon, a plain client in it, and the terminal client connected."""
+    service, url = daemon()
+    other = await connect(url)
+    await other.nextText()  # the greeting
+    client, master, name = await pty(url, *args, env=env, columns=columns, lines=lines)
+    await client.waitUntil(lambda: "connected │ 2 online" in client.status, "connected")
+    return other, client, master, name
+
+
+@pytest_twisted.ensureDeferred
+async def test_pty_half_typed_line_survives_and_is_sent_whole(daemon, pty):
+    """On a real terminal, incoming messages go above a half-typed line, which Enter sends
+    whole; Up recalls it."""
+    other, client, _, _ = await roomWithTwo(daemon, pty)
+    assert client.shows("Welcome to chat! Type a message")
+    client.write("half typed 中文".encode())
+    await client.waitUntil(lambda: client.input == "> half typed 中文", "the typed text")
+    for n in range(30):
+        other.sendText(f"incoming {n}")
+    await client.waitUntil(lambda: client.shows(f"{other.address}: incoming 29"), "incoming")
+    assert client.input == "> half typed 中文"
+    assert client.screen.cursor.x == textWidth("> half typed 中文")
+    assert client.screen.cursor.y == 23
+    client.write(b" line\r")
+    await client.waitUntil(lambda: client.shows("you: half typed 中文 line"), "own line")
+    assert client.input == ">"
+    texts = [await other.nextText() for _ in range(31)]
+    assert texts[-1].endswith(": half typed 中文 line")
+    assert texts[-1] != f"{other.address}: half typed 中文 line"
+    client.write(b"\x1b[A")
+    await client.waitUntil(lambda: client.input == "> half typed 中文 line", "Up recalling")
+    # Each sender's name in its colour.
+    y = next(y for y, line in enumerate(client.display) if "incoming 29" in line)
+    assert client.screen.buffer[y][6].fg == pyteColour(senderStyle(other.address, True))
+    await defer.ensureDeferred(closeAll([other]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_pty_escape_sequences_neither_clear_nor_retitle(daemon, pty):
+    """A received clear-screen and set-title reach the real terminal only as visible text."""
+    other, client, _, _ = await roomWithTwo(daemon, pty)
+    other.sendText("before")
+    await client.waitUntil(lambda: client.shows(": before"), "the first message")
+    other.sendText("\x1b[2J\x1b]0;title\x07\x1b[31m\x9b2J after")
+    await client.waitUntil(lambda: client.shows(" after"), "the second message")
+    assert client.shows(": before")
+    assert client.shows(": \\x1b[2J\\x1b]0;title\\x07\\x1b[31m\\x9b2J after")
+    assert client.screen.title == ""
+    for sequence in (b"\x1b[2J", b"\x1b]", b"\x07", b"\x1b[31m", "\x9b".encode()):
+        assert sequence not in client.raw
+    await defer.ensureDeferred(closeAll([other]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_pty_resize_redraws_at_the_new_width(daemon, pty):
+    """After TIOCSWINSZ (and the SIGWINCH it sends) the room is wrapped again at the new width."""
+    other, client, master, _ = await roomWithTwo(daemon, pty, columns=80, lines=12)
+    words = " ".join(f"w{n:02d}" for n in range(40))
+    other.sendText(words)
+    await client.waitUntil(lambda: client.shows("w39"), "the long message")
+    client.write(b"draft")
+    await client.waitUntil(lambda: client.input == "> draft", "the draft")
+    client.screen.resize(12, 30)
+    setSize(master, 30, 12)
+
+    def rewrapped() -> bool:
+        text = " ".join(client.display)
+        return all(f"w{n:02d}" in text for n in range(40)) and client.status.startswith(" wschat")
+
+    await client.waitUntil(rewrapped, "the message wrapped at 30 columns")
+    assert client.input == "> draft"
+    assert all(wcwidth.wcswidth(line) <= 30 for line in client.display)
+    await defer.ensureDeferred(closeAll([other]))
+
+
+def closedWith(code: int) -> defer.Deferred[str]:
+    """Fires with the daemon's log line when a connection closes with ``code``."""
+    from twisted.internet import reactor
+    from twisted.logger import formatEvent
+
+    d: defer.Deferred[str] = defer.Deferred()
+
+    def observe(event):
+        text = formatEvent(event)
+        if not d.called and re.search(rf"closed: code {code}\b", text):
+            d.callback(text)
+
+    globalLogPublisher.addObserver(observe)
+    d.addBoth(lambda result: (globalLogPublisher.removeObserver(observe), result)[1])
+    return d.addTimeout(SCREEN_TIMEOUT, reactor)
+
+
+@pytest.mark.parametrize("leave", [b"\x04", b"/quit\r", b"\x03", b"typed\x03", "TERM"], ids=repr)
+@pytest_twisted.ensureDeferred
+async def test_pty_leaving_closes_1000_and_restores_the_terminal(daemon, pty, leave):
+    """Ctrl-D, /quit, Ctrl-C and SIGTERM close with 1000, exit 0 and leave the terminal as
+    stty found it."""
+    service, url = daemon()
+    client, _, name = await pty(url)
+    before = client.sttyBefore
+    await client.waitUntil(lambda: "connected │ 1 online" in client.status, "connected")
+    during = await stty(name)
+    assert "-icanon" in during and "-echo " in during and "-isig" in during
+    assert "-icanon" not in before and "-echo " not in before
+    closed = closedWith(1000)
+    if isinstance(leave, str):
+        client.transport.signalProcess(leave)
+    else:
+        client.write(leave)
+    assert await client.ended == 0
+    await closed
+    assert await stty(name) == before
+    assert client.display[client.screen.cursor.y - 1].startswith("wschat: closed with code 1000")
+
+
+#: An SGR sequence that sets a foreground colour.
+COLOUR_SGR = re.compile(rb"\x1b\[[0-9;]*\b(3[0-7]|9[0-7])m")
+
+
+@pytest.mark.parametrize("args, env", [((), {"NO_COLOR": "1"}), (("--no-color",), {})])
+@pytest_twisted.ensureDeferred
+async def test_pty_no_color(daemon, pty, args, env):
+    """NO_COLOR or --no-color: interactive still, but no colour is ever set."""
+    other, client, _, _ = await roomWithTwo(daemon, pty, *args, env=env)
+    other.sendText("hello")
+    await client.waitUntil(lambda: client.shows(": hello"), "the message")
+    assert COLOUR_SGR.search(client.raw) is None
+    await defer.ensureDeferred(closeAll([other]))
+
+
+@pytest.mark.parametrize("args, env", [((), {"TERM": "dumb"}), (("--no-tty",), {})])
+@pytest_twisted.ensureDeferred
+async def test_pty_line_mode_on_a_dumb_terminal_or_no_tty(daemon, pty, args, env):
+    """TERM=dumb (no cursor movement) or --no-tty: lines in, lines out, no escape sequences."""
+    service, url = daemon()
+    other = await connect(url)
+    await other.nextText()
+    client, _, name = await pty(url, *args, env=env)
+    await client.waitUntil(lambda: client.shows("wschat: connected to"), "connected")
+    client.write(b"typed line\r")
+    relayed = re.compile(r"^127\.0\.0\.1:\d+: typed line$")
+    await client.waitUntil(lambda: any(map(relayed.match, client.display)), "the line relayed")
+    assert await other.nextText() in client.display
+    assert client.shows("typed line")  # the terminal's own echo, in cooked mode
+    assert b"\x1b" not in client.raw
+    client.write(b"\x04")
+    assert await client.ended == 0
+    assert await stty(name) == client.sttyBefore
+    await defer.ensureDeferred(closeAll([other]))
+
+
+def test_status_bar_drops_what_does_not_fit():
+    """A narrow status bar drops the hints before it cuts the state and the count."""
+    t = MemoryTerminal(columns=40)
+    t.ui.showConnected("127.0.0.1:50000", 12)
+    assert t.status == " wschat │ connected │ 12 online"
+    wide = MemoryTerminal(columns=80)
+    wide.ui.showConnected("127.0.0.1:50000", 12)
+    assert wide.status == " wschat │ connected │ 12 online │ you are 127.0.0.1:50000 │ /help"

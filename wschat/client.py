@@ -5,6 +5,7 @@ what the room says. Room messages go to stdout, one per line; status goes to std
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -311,7 +312,8 @@ class Options(usage.Options):
     synopsis = "Usage: python -m wschat.client [--url ws://HOST:PORT/ | --port N] [options]"
     longdesc = (
         "Send each line of standard input to a wschat room and print what the room says. "
-        "Room messages go to standard output, status to standard error."
+        "Room messages go to standard output, status to standard error. "
+        "On a terminal it is interactive instead: the room scrolls above an input line (/help)."
     )
     optParameters: list[list[Any]] = [
         ["url", "u", None, f"WebSocket URL of the room (ws:// or wss://; default {DEFAULT_URL})."],
@@ -319,6 +321,11 @@ class Options(usage.Options):
         ["max-retries", None, None, "Give up (exit 1) after this many retries in a row.", int],
         ["queue-size", None, 1000, "Lines kept while disconnected before input pauses.", int],
         ["ca-file", None, None, "PEM file of the CA that signs the server's certificate (wss)."],
+    ]
+    # Interactive mode (wschat.terminal).
+    optFlags: list[list[Any]] = [
+        ["no-tty", None, "Line mode even on a terminal (no input line, no status bar)."],
+        ["no-color", None, "No sender colours in interactive mode (as NO_COLOR=1 does)."],
     ]
 
     def postOptions(self) -> None:
@@ -357,6 +364,14 @@ def tlsOptions(host: str, caFile: str | None) -> Any:
 
 
 async def run(reactor: Any, options: Options) -> None:
+    # On a terminal: the interactive mode of wschat.terminal instead of lines in, lines out.
+    from wschat import terminal
+
+    interactive, colour = terminal.wanted(options, os.environ)
+    if interactive:
+        await terminal.run(reactor, options, colour)
+        return
+
     session = ChatSession(reactor, _status, maxPending=options["queue-size"])
     factory = ChatClientFactory(options["url"], session, reactor=reactor)
     factory.maxRetries = options["max-retries"]

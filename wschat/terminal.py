@@ -41,13 +41,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from autobahn.twisted.websocket import connectWS
 from twisted.conch.insults.insults import ServerProtocol, TerminalProtocol
 from twisted.internet import fdesc, stdio
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
-from wschat.client import ChatClientProtocol, ChatSession
+from wschat.client import ChatClientFactory, ChatClientProtocol, ChatSession, tlsOptions
 from wschat.wire import JSON_SUBPROTOCOL, formatAddress
 
 # -- what a terminal shows
@@ -689,13 +691,19 @@ class ChatTerminal(TerminalProtocol):
             left = max(0, math.ceil(self._retryAt - self._clock.seconds()))
             text = _RETRYING.sub(f"retrying in {left} s", text)
         parts = ["wschat", text]
+        # What may go, last first, when the row is too narrow for everything.
+        optional = []
         if text == "connected":
             if self.online is not None:
                 parts.append(f"{self.online} online")
             if self.you is not None:
-                parts.append(f"you are {self.you}")
-        parts.append("/help")
-        tokens = safeTokens(" " + " │ ".join(parts) + " ", REVERSE)
+                optional.append(f"you are {self.you}")
+        optional.append("/help")
+        while True:
+            tokens = safeTokens(" " + " │ ".join(parts + optional) + " ", REVERSE)
+            if not optional or sum(t.width for t in tokens) <= self.width:
+                break
+            optional.pop()
         row = fitTokens(tokens, self.width)
         pad = self.width - sum(t.width for t in row)
         return row + [Token(" " * pad, REVERSE, pad)] if pad > 0 else row
@@ -766,7 +774,7 @@ class Keyboard(ServerProtocol):
 
     terminalProtocol: ChatTerminal
 
-    def __init__(self, screen: ChatTerminal, closed: Callable[[], None]) -> None:
+    def __init__(self, screen: ChatTerminal, closed: Callable[[Failure], None]) -> None:
         super().__init__(lambda: screen)
         self._closed = closed
 
@@ -783,7 +791,7 @@ class Keyboard(ServerProtocol):
         try:
             super().connectionLost(reason)
         finally:
-            self._closed()
+            self._closed(reason)
 
 
 # -- from the room to the screen
@@ -960,7 +968,10 @@ class TerminalMode:
             fdesc.setBlocking(self.stdout)
             _writeAll(self.stdout, self.screen.closeScreen())
         finally:
-            termios.tcsetattr(self.stdin, termios.TCSADRAIN, self.saved)
+            try:
+                termios.tcsetattr(self.stdin, termios.TCSADRAIN, self.saved)
+            except termios.error:
+                pass  # The terminal is gone (hung up): nothing left to restore.
 
 
 def _writeAll(fd: int, data: bytes) -> None:
@@ -991,8 +1002,12 @@ def start(
     session.attachScreen(screen)
     mode = TerminalMode(reactor, session, stdin, stdout)
 
-    def closed() -> None:
+    def closed(reason: Failure) -> None:
         mode.restore()
+        if not reason.check(ConnectionDone, ConnectionLost):
+            # The keyboard's handler failed: say how, now that the terminal is back.
+            sys.stderr.write(f"wschat: the terminal failed:\n{reason.getTraceback()}")
+            session.exitCode = 1
         session.outputClosed()
 
     keyboard = Keyboard(screen, closed)
@@ -1007,3 +1022,38 @@ def start(
     # What the session stops (finish) and pauses (a full queue) is standard input.
     session.input = keyboard  # type: ignore[assignment]
     return mode
+
+
+def wanted(options: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[bool, bool]:
+    """
+    ``(interactive, colour)`` for the client: interactive when standard input and output are a
+    terminal that can move its cursor, unless ``--no-tty``; colour unless ``--no-color``,
+    ``NO_COLOR`` or a terminal without colours.
+    """
+    if options.get("no-tty") or not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return False, False
+    interactive, colour = terminalCapabilities(environ)
+    return interactive, colour and not options.get("no-color")
+
+
+async def run(reactor: Any, options: Mapping[str, Any], colour: bool) -> None:
+    """
+    The client's interactive mode, as ``wschat.client.run`` is its line mode: the same
+    connection and session, the ``wschat.json`` subprotocol offered so the room says who we are.
+    """
+    session = TerminalSession(reactor, maxPending=options["queue-size"])
+    factory = ChatClientFactory(
+        options["url"], session, reactor=reactor, protocols=[JSON_SUBPROTOCOL]
+    )
+    factory.maxRetries = options["max-retries"]
+    mode = start(reactor, session, colour)
+    try:
+        reactor.addSystemEventTrigger("before", "shutdown", session.close)
+        secure = options["secure"]
+        contextFactory = tlsOptions(options["host"], options["ca-file"]) if secure else None
+        connectWS(factory, contextFactory)
+        await session.done
+    finally:
+        mode.restore()
+    if session.exitCode:
+        raise SystemExit(session.exitCode)
