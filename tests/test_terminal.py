@@ -39,7 +39,7 @@ from wschat.terminal import (
     textWidth,
     wrapTokens,
 )
-from wschat.testing import closeAll, connect, findExecutable
+from wschat.testing import closeAll, connect, findExecutable, freePort
 
 # -- pure pieces
 
@@ -829,3 +829,24 @@ def test_status_bar_drops_what_does_not_fit():
     wide = MemoryTerminal(columns=80)
     wide.ui.showConnected("127.0.0.1:50000", 12)
     assert wide.status == " wschat │ connected │ 12 online │ you are 127.0.0.1:50000 │ /help"
+
+
+@pytest_twisted.ensureDeferred
+async def test_pty_status_follows_the_connection_and_presence(daemon, pty):
+    """The bar says refused and counts down to the retry, then connected with the count; a line
+    typed meanwhile goes out on connecting; joins and leaves are shown."""
+    port = freePort()
+    client, _, _ = await pty(f"ws://127.0.0.1:{port}")
+    retrying = re.compile(rf"connection to ws://127.0.0.1:{port} refused; retrying in \d+ s")
+    await client.waitUntil(lambda: bool(retrying.search(client.status)), "retrying")
+    client.write(b"typed while away\r")
+    await client.waitUntil(lambda: client.shows("not connected"), "the line held")
+    service, url = daemon("--port", str(port))
+    await client.waitUntil(lambda: "connected │ 1 online" in client.status, "connected")
+    await client.waitUntil(lambda: client.shows("you: typed while away"), "the held line")
+    other = await connect(url)
+    address = other.address
+    await client.waitUntil(lambda: client.shows(f"→ {address} joined · 2 online"), "join")
+    assert "connected │ 2 online" in client.status
+    await defer.ensureDeferred(closeAll([other]))
+    await client.waitUntil(lambda: client.shows(f"← {address} left · 1 online"), "leave")
