@@ -850,3 +850,51 @@ async def test_pty_status_follows_the_connection_and_presence(daemon, pty):
     assert "connected │ 2 online" in client.status
     await defer.ensureDeferred(closeAll([other]))
     await client.waitUntil(lambda: client.shows(f"← {address} left · 1 online"), "leave")
+
+
+def test_ctrl_l_repaints():
+    """Ctrl-L clears the screen and draws the latest messages and the bars again."""
+    t = MemoryTerminal()
+    t.ui.showMessage("127.0.0.1:2", "kept", None, False)
+    t.display  # noqa: B018
+    t.stream.feed(b"\x1b[5;1Hjunk")
+    t.type(b"x\x0c")
+    display = t.display
+    assert not any("junk" in line for line in display)
+    assert display[0].endswith("127.0.0.1:2: kept")
+    assert t.input == "> x"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_screen_restores_the_terminal_and_exits_1(monkeypatch, capsys):
+    """When drawing fails, the terminal is put back, the traceback shown and the exit is 1."""
+    from twisted.internet import reactor
+
+    from wschat.terminal import TerminalSession, start
+
+    master, slave = os.openpty()
+    setSize(master, 40, 10)
+    output = os.dup(slave)
+    before = termios.tcgetattr(slave)
+    session = TerminalSession(reactor)
+    mode = start(reactor, session, colour=False, stdin=slave, stdout=output)
+    try:
+        assert termios.tcgetattr(slave) != before
+        assert session.screen is not None
+
+        def broken(keyID, modifier):
+            raise RuntimeError("the screen broke")
+
+        monkeypatch.setattr(session.screen, "_key", broken)
+        os.write(master, b"\x1b[A")
+        await session.done.addTimeout(SCREEN_TIMEOUT, reactor)
+        assert session.exitCode == 1
+        assert termios.tcgetattr(slave) == before
+        assert "RuntimeError: the screen broke" in capsys.readouterr().err
+    finally:
+        mode.restore()
+        for fd in (master, slave, output):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
