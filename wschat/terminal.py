@@ -452,8 +452,18 @@ Up/Down recall lines sent, Ctrl-L redraws."""
 
 PROMPT = "> "
 
-#: How many past entries are kept to repaint the screen after a resize.
-REPAINT_ENTRIES = 500
+#: How many past entries are kept to repaint the screen after a resize: more than a screen
+#: holds, and few enough that entries of the largest messages stay small in memory.
+REPAINT_ENTRIES = 200
+
+#: A run of text in one style, and an entry (a message, an event, a notice) made of them.
+Segment = tuple[str, str]
+Entry = list[Segment]
+
+
+def entryTokens(entry: Entry) -> list[Token]:
+    """The tokens of an entry's segments, unsafe characters escaped."""
+    return [token for text, style in entry for token in safeTokens(text, style)]
 
 _RETRYING = re.compile(r"retrying in (\d+(?:\.\d+)?) s")
 
@@ -498,7 +508,8 @@ class ChatTerminal(TerminalProtocol):
         self._clock = clock
         self.editor = LineEditor()
         self.width, self.height = size()
-        self._entries: deque[list[Token]] = deque(maxlen=REPAINT_ENTRIES)
+        # Kept as text, not laid out: a token per character would be many times the size.
+        self._entries: deque[Entry] = deque(maxlen=REPAINT_ENTRIES)
         self._bottomShown = False
         self._scroll = 0
         self._typed = b""
@@ -623,23 +634,22 @@ class ChatTerminal(TerminalProtocol):
     # -- ChatScreen
 
     def showMessage(self, sender: str | None, text: str, when: float | None, own: bool) -> None:
-        tokens = self._stamp(when)
+        entry = [self._stamp(when)]
         if sender is not None:
             name = "you" if own else sender
-            style = BOLD if own else senderStyle(sender, self.colour)
-            tokens += safeTokens(name, style) + safeTokens(": ")
-        self._print(tokens + safeTokens(text))
+            entry += [(name, BOLD if own else senderStyle(sender, self.colour)), (": ", "")]
+        self._print(entry + [(text, "")])
 
     def showPresence(self, kind: str, who: str, online: int, when: float | None) -> None:
         arrow = "→" if kind == "join" else "←"
         verb = "joined" if kind == "join" else "left"
         people = "1 online" if online == 1 else f"{online} online"
         self.online = online
-        self._print(self._stamp(when) + safeTokens(f"{arrow} {who} {verb} · {people}", DIM))
+        self._print([self._stamp(when), (f"{arrow} {who} {verb} · {people}", DIM)])
         self._drawStatus()
 
     def showNotice(self, text: str, important: bool = False) -> None:
-        self._print(self._stamp(None) + safeTokens(text, BOLD if important else DIM))
+        self._print([self._stamp(None), (text, BOLD if important else DIM)])
 
     def showStatus(self, text: str) -> None:
         self.status = text
@@ -664,14 +674,13 @@ class ChatTerminal(TerminalProtocol):
         if not self.closed:
             self.terminal.write(data)
 
-    def _stamp(self, when: float | None) -> list[Token]:
-        stamp = time.strftime("%H:%M", time.localtime(when))
-        return safeTokens(stamp + " ", DIM)
+    def _stamp(self, when: float | None) -> Segment:
+        return (time.strftime("%H:%M ", time.localtime(when)), DIM)
 
-    def _print(self, tokens: list[Token]) -> None:
-        self._entries.append(tokens)
+    def _print(self, entry: Entry) -> None:
+        self._entries.append(entry)
         self._hideBottom()
-        for row in wrapTokens(tokens, self.width):
+        for row in wrapTokens(entryTokens(entry), self.width):
             self._write(renderRow(row) + "\n")
         self._showBottom()
 
@@ -725,8 +734,8 @@ class ChatTerminal(TerminalProtocol):
     def repaint(self) -> None:
         """Clear the screen and draw the latest entries, then the bottom rows, at this size."""
         rows: list[Row] = []
-        for tokens in reversed(self._entries):
-            rows[:0] = wrapTokens(tokens, self.width)
+        for entry in reversed(self._entries):
+            rows[:0] = wrapTokens(entryTokens(entry), self.width)
             if len(rows) >= self.height - 2:
                 break
         rows = rows[-(self.height - 2) :] if self.height > 2 else []
