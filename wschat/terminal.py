@@ -2,15 +2,15 @@
 The client's interactive mode: the room scrolls above a status bar and an input line that keeps
 what you type. ``python -m wschat.client`` uses it when standard input and output are a terminal.
 
-Built on Twisted's own insults (``StandardIO`` + ``ServerProtocol`` keys and cursor control) on
-the default reactor, with no new dependency; prompt_toolkit would need the asyncio reactor, and
-``recvline``'s editor counts a byte as a column, so wide characters need the small editor here.
+Why insults (``StandardIO`` + ``ServerProtocol``): Twisted's own, on the default reactor, no new
+dependency (prompt_toolkit needs the asyncio reactor); recvline counts bytes as columns, hence ours.
 
 The pieces, top to bottom:
 
-- pure functions: :func:`charWidth`, :func:`safeTokens` (control characters and escape sequences
-  become visible text such as ``\\x1b``, never terminal control), :func:`wrapTokens`,
-  :func:`senderStyle`, :func:`terminalCapabilities`; and :class:`LineEditor`, the input line;
+- pure functions: :func:`charWidth` (from the standard library's Unicode tables),
+  :func:`safeTokens` (control characters and escape sequences become visible text such as
+  ``\\x1b``, never terminal control), :func:`wrapTokens`, :func:`senderStyle`,
+  :func:`terminalCapabilities`; and :class:`LineEditor`, the input line;
 - :class:`ChatScreen` (what a chat session tells the terminal) and :class:`ChatControl` (what the
   terminal asks of the session: send a line, quit), the interface between the two;
 - :class:`ChatTerminal`, the insults terminal protocol that draws, and :class:`Keyboard`, its
@@ -503,7 +503,6 @@ class ChatTerminal(TerminalProtocol):
         clock: IReactorTime,
     ) -> None:
         self.control = control
-        self._size = size
         self.colour = colour
         self._clock = clock
         self.editor = LineEditor()
