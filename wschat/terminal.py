@@ -465,6 +465,7 @@ def entryTokens(entry: Entry) -> list[Token]:
     """The tokens of an entry's segments, unsafe characters escaped."""
     return [token for text, style in entry for token in safeTokens(text, style)]
 
+
 _RETRYING = re.compile(r"retrying in (\d+(?:\.\d+)?) s")
 
 _KEY_ALIASES = {
