@@ -31,9 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from children import freePort, stop, waitListening
-
-from wschat.testing import findExecutable
+from children import findExecutable, freePort, stop, waitListening
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"
@@ -324,7 +322,7 @@ def main() -> None:
         for p in found:
             print(f"- {p}")
     if args.plot:
-        from wschat.bench.cli import plot
+        from wschat.bench.plot import plot
 
         plot(sweepResults, args.plot)
         print(f"\nchart: {args.plot}")

@@ -19,7 +19,7 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import tcp
 
 from wschat import fastwrite
-from wschat.protocol import ChatServerFactory
+from wschat.server import ChatServer
 from wschat.wire import Format, Message
 
 
@@ -47,19 +47,19 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()
-    factory = ChatServerFactory(fmt=Format.RAW, logMessages=False)
+    server = ChatServer(fmt=Format.RAW, logMessages=False)
     for _ in range(args.members):
-        p = factory.buildProtocol(None)
+        p = server.factory.buildProtocol(None)
         p.transport = stubTransport()
         p.state = WebSocketProtocol.STATE_OPEN
         p._perMessageCompress = None
         p.send_queue = []
-        factory.room.join(p, Format.RAW)
+        server.room.join(p, Format.RAW)
     message = Message("127.0.0.1:54321", b"x" * 64, False)
     turns = fastwrite.turns()
 
     def broadcast() -> None:
-        factory.room.broadcast(message)
+        server.room.broadcast(message)
         turns.endTurn()
 
     for _ in range(50):

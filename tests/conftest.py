@@ -7,19 +7,20 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from childprocess import ProcessWatcher, spawn
 from twisted.internet import defer
 from twisted.logger import formatEvent, globalLogPublisher
 
-from wschat.tap import ChatService
-from wschat.testing import ProcessWatcher, spawn, startDaemon
+from wschat.server import ChatServer
+from wschat.testing import startDaemon
 
 
 @pytest_twisted.async_yield_fixture
-async def daemon() -> AsyncIterator[Callable[..., tuple[ChatService, str]]]:
+async def daemon() -> AsyncIterator[Callable[..., tuple[ChatServer, str]]]:
     """Start daemons with ``daemon(*args)``; each is stopped when the test ends."""
-    started: list[ChatService] = []
+    started: list[ChatServer] = []
 
-    def start(*args: str) -> tuple[ChatService, str]:
+    def start(*args: str) -> tuple[ChatServer, str]:
         service, url = startDaemon(args)
         started.append(service)
         return service, url

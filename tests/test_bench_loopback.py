@@ -7,10 +7,10 @@ import os
 import sys
 
 import pytest_twisted
+from redisserver import RedisServer, waitFor
 from twisted.internet import utils
 
-from wschat.bus import RedisBus
-from wschat.testing_redis import RedisServer, waitFor
+from wschat.redisbus import RedisBus
 
 
 async def bench(*args: str) -> dict:
@@ -104,7 +104,7 @@ async def test_spread_run_over_two_daemons_sharing_redis(daemon):
             daemon("--format", "raw", "--welcome", "", "--no-message-log", "--redis", server.url)
             for _ in range(2)
         ]
-        buses = [service.factory.bus for service, _ in daemons]
+        buses = [service.bus for service, _ in daemons]
         assert all(isinstance(b, RedisBus) for b in buses)
         await waitFor(lambda: all(b.available for b in buses))
         run = await bench(

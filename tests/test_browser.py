@@ -11,10 +11,9 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from browser import ClientProcess, DaemonProcess, launchChromium
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
-
-from wschat.livetesting import ClientProcess, DaemonProcess, launchChromium
 
 WELCOME = "Welcome to chat! Type a message"
 XSS = "<img src=x onerror=alert(1)>"

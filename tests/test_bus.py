@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from unittest import mock
 
 import msgpack
 from hypothesis import given
@@ -11,22 +15,13 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from wschat.bus import (
-    REFUSED_DOWN,
-    Envelope,
-    LocalBus,
-    MalformedEnvelope,
-    RedisAddress,
-    RedisBus,
-    _BusFactory,
-    _PublisherProtocol,
-    decodeEnvelope,
-    encodeEnvelope,
-    parseRedisURL,
-)
-from wschat.protocol import ChatServerFactory
+from wschat.bus import LocalBus
+from wschat.envelope import Envelope, MalformedEnvelope, decodeEnvelope, encodeEnvelope
+from wschat.redisaddress import RedisAddress, parseRedisURL
+from wschat.redisbus import REFUSED_DOWN, RedisBus, _BusFactory, _PublisherProtocol
 from wschat.room import Room
-from wschat.tap import Options, makeService
+from wschat.server import ChatServer
+from wschat.tap import Options, buildServer
 from wschat.testing import QueueClientFactory, memoryConnection
 from wschat.wire import Format, Message, isoTime
 
@@ -174,20 +169,80 @@ class OptionsTests(SynchronousTestCase):
         """The default daemon relays through a LocalBus and runs no Redis service."""
         options = Options()
         options.parseOptions([])
-        daemon = makeService(options)
-        self.assertIsInstance(daemon.factory.bus, LocalBus)
+        daemon = buildServer(options)
+        self.assertIsInstance(daemon.bus, LocalBus)
         self.assertFalse([s for s in daemon if isinstance(s, RedisBus)])
 
     def test_serviceWithRedis(self) -> None:
-        """With --redis the factory's bus is a RedisBus, started and stopped with the daemon."""
+        """With --redis the server's bus is a RedisBus, started and stopped with the daemon."""
         options = Options()
         options.parseOptions(["--redis", "redis://h:1", "--channel", "c"])
-        daemon = makeService(options)
-        bus = daemon.factory.bus
+        daemon = buildServer(options)
+        bus = daemon.bus
         assert isinstance(bus, RedisBus)
         self.assertIn(bus, list(daemon))
-        self.assertIs(bus.room, daemon.factory.room)
+        self.assertIs(bus.room, daemon.room)
         self.assertEqual((bus.address, bus.channel), (RedisAddress("h", 1), "c"))
+
+
+#: Builds the daemon from the command line ARGS and prints which Redis modules it loaded.
+LOADED_SCRIPT = """
+import sys
+from wschat.tap import Options, buildServer
+options = Options()
+options.parseOptions(sys.argv[1:])
+buildServer(options)
+print(sorted(m for m in ("txredisapi", "msgpack", "wschat.redisbus") if m in sys.modules))
+"""
+
+
+class RedisExtraTests(SynchronousTestCase):
+    """The Redis client is the ``redis`` extra: loaded for --redis only, asked for if missing."""
+
+    def loaded(self, *args: str) -> str:
+        # A fresh interpreter, outside the checkout, so that it imports the installed package.
+        cwd = self.mktemp()
+        os.makedirs(cwd)
+        result = subprocess.run(
+            [sys.executable, "-c", LOADED_SCRIPT, "--port", "0", *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return result.stdout.strip()
+
+    def test_singleDaemonLoadsNoRedisClient(self) -> None:
+        """A daemon without --redis imports neither txredisapi nor msgpack."""
+        self.assertEqual(self.loaded(), "[]")
+
+    def test_redisLoadsTheClient(self) -> None:
+        """With --redis the Redis bus, its client and the envelope codec are loaded."""
+        self.assertEqual(
+            self.loaded("--redis", "redis://h"), "['msgpack', 'txredisapi', 'wschat.redisbus']"
+        )
+
+    def test_redisWithoutTheExtra(self) -> None:
+        """--redis without the Redis client installed is a one-line usage error saying how."""
+        with mock.patch.dict(sys.modules, {"txredisapi": None}):
+            sys.modules.pop("wschat.redisbus", None)
+            with self.assertRaises(usage.UsageError) as caught:
+                Options().parseOptions(["--redis", "redis://h"])
+        message = str(caught.exception)
+        self.assertEqual(
+            message,
+            "--redis needs the Redis client (txredisapi is not installed): "
+            "pip install 'wschat[redis]'",
+        )
+        self.assertNotIn("\n", message)
+
+    def test_noRedisNeedsNoExtra(self) -> None:
+        """Without --redis, a missing Redis client does not matter."""
+        with mock.patch.dict(sys.modules, {"txredisapi": None}):
+            sys.modules.pop("wschat.redisbus", None)
+            options = Options()
+            options.parseOptions([])
+            self.assertIsInstance(buildServer(options).bus, LocalBus)
 
 
 class FakeOrigin:
@@ -297,23 +352,23 @@ class RedisBusOfflineTests(SynchronousTestCase):
 class RefusalNoticeTests(SynchronousTestCase):
     def test_notice(self) -> None:
         """A refused sender gets 'wschat: <reason>' as text and stays connected."""
-        factory = ChatServerFactory(welcome="")
-        factory.bus = RedisBus(factory.room, RedisAddress("h"), reactor=MemoryReactorClock())
+        chat = ChatServer(welcome="")
+        chat.bus = RedisBus(chat.room, RedisAddress("h"), reactor=MemoryReactorClock())
         clientFactory = QueueClientFactory("ws://127.0.0.1:2000")
-        server, client, pump = memoryConnection(factory, clientFactory)
+        server, client, pump = memoryConnection(chat.factory, clientFactory)
         pump.flush()
         client.sendText("hello")
         pump.flush()
         self.assertEqual(client.messages.pending, [(f"wschat: {REFUSED_DOWN}".encode(), False)])
-        self.assertEqual(factory.bus.refused, 1)
+        self.assertEqual(chat.bus.refused, 1)
         self.assertEqual(server.state, server.STATE_OPEN)
 
     def test_json_notice_and_metric(self) -> None:
         """A refused JSON client gets a 'notice' object, and the refusal is counted in metrics."""
-        factory = ChatServerFactory(welcome="", reactor=MemoryReactorClock())
-        factory.bus = RedisBus(factory.room, RedisAddress("h"), reactor=MemoryReactorClock())
+        chat = ChatServer(welcome="", reactor=MemoryReactorClock())
+        chat.bus = RedisBus(chat.room, RedisAddress("h"), reactor=MemoryReactorClock())
         clientFactory = QueueClientFactory("ws://127.0.0.1:2000", protocols=["wschat.json"])
-        server, client, pump = memoryConnection(factory, clientFactory)
+        server, client, pump = memoryConnection(chat.factory, clientFactory)
         pump.flush()
         client.messages.pending.clear()  # the welcome object
         client.sendText("hello")
@@ -322,7 +377,7 @@ class RefusalNoticeTests(SynchronousTestCase):
         self.assertEqual(
             json.loads(payload), {"type": "notice", "text": REFUSED_DOWN, "time": isoTime(0)}
         )
-        refused = factory.metrics.registry.get_sample_value(
+        refused = chat.metrics.registry.get_sample_value(
             "wschat_messages_refused_total", {"reason": "relay unavailable"}
         )
         self.assertEqual(refused, 1)

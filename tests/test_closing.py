@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
-from rawws import handshake
+from rawws import RawClient, handshake
 from twisted.internet import defer, protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from wschat.closing import MAX_REASON_BYTES, closeAll, closeWith
-from wschat.protocol import ChatServerFactory
-from wschat.testing import RawClient, memoryConnection
+from wschat.server import ChatServer
+from wschat.testing import memoryConnection
 
 
 class RecordingClient(WebSocketClientProtocol):
@@ -24,14 +24,14 @@ class RecordingClient(WebSocketClientProtocol):
         self.closes.append((wasClean, code, reason))
 
 
-def openPair():
-    serverFactory = ChatServerFactory(welcome="")
+def openPair(**serverOptions):
+    chat = ChatServer(welcome="", **serverOptions)
     clientFactory = WebSocketClientFactory("ws://127.0.0.1:2000")
     clientFactory.protocol = RecordingClient
-    server, client, pump = memoryConnection(serverFactory, clientFactory)
+    server, client, pump = memoryConnection(chat.factory, clientFactory)
     pump.flush()
     assert server.state == WebSocketProtocol.STATE_OPEN
-    return serverFactory, server, client, pump
+    return chat, server, client, pump
 
 
 class SendCloseCodeTests(SynchronousTestCase):
@@ -147,21 +147,23 @@ class CloseAllTests(SynchronousTestCase):
 class GoAwayTests(SynchronousTestCase):
     def test_goAwayFiresWhenGone(self) -> None:
         """A protocol's goAway sends 1001 and fires only once the connection is gone."""
-        factory, server, client, pump = openPair()
+        chat, server, client, pump = openPair()
         gone = server.goAway()
         self.assertNoResult(gone)
         pump.flush()
         self.successResultOf(gone)
         self.assertEqual(client.closes, [(True, 1001, "server shutting down")])
-        self.assertEqual(len(factory.room), 0)
+        self.assertEqual(len(chat.room), 0)
 
     def test_shutDownRefusesNewHandshakes(self) -> None:
-        """While the factory shuts down, a new handshake gets HTTP 503."""
-        factory, server, client, pump = openPair()
-        done = factory.shutDown(5, Clock())
+        """While the server shuts down, a new handshake gets HTTP 503."""
+        chat, server, client, pump = openPair(clock=Clock())
+        done = chat.shutDown()
         pump.flush()
         self.successResultOf(done)
-        late, raw, latePump = memoryConnection(factory, protocol.Factory.forProtocol(RawClient))
+        late, raw, latePump = memoryConnection(
+            chat.factory, protocol.Factory.forProtocol(RawClient)
+        )
         lateTransport = late.transport
         raw.transport.write(handshake())
         latePump.flush()

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 import pytest_twisted
+from childprocess import LISTENING, ProcessWatcher, freePort
 from twisted.internet import defer
-
-from wschat.testing import LISTENING, ProcessWatcher, freePort
 
 
 def twistd(processes, *args: str) -> ProcessWatcher:

@@ -18,10 +18,11 @@ from collections import Counter
 
 import pytest
 import pytest_twisted
-from rawws import OP_TEXT, frame, handshake
+from childprocess import listeningPort, spawnTwistd
+from rawws import frame, handshake, rawExchange
 from twisted.internet import reactor, utils
 
-from wschat.testing import listeningPort, rawExchange, spawnTwistd
+from wschat.bench.frames import OP_TEXT
 
 #: The suite's 9.x cases send messages up to 16 MiB: far past the 64 KiB default limit. Our
 #: keep-alive pings are off: kosoku ends a case that receives a ping it did not expect.

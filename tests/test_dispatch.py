@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest_twisted
+from rawws import rawExchange
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -11,7 +12,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from wschat.dispatch import LINGER, DispatchFactory, isWebSocketUpgrade
 from wschat.limits import MAX_REQUEST_HEAD
-from wschat.testing import rawExchange
 
 UPGRADE = (
     b"GET /room HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

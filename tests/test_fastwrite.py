@@ -14,13 +14,14 @@ import os
 
 import pytest
 import pytest_twisted
+from tlsfiles import makeTLSFiles
 from twisted.internet import defer, endpoints, protocol, reactor, ssl, task, tcp, unix
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from wschat import fastwrite
 from wschat.bench import frames
-from wschat.testing import connect, makeTLSFiles
+from wschat.testing import connect
 
 
 class Recorder(protocol.Protocol):
@@ -581,7 +582,7 @@ async def test_daemon_connections_take_the_fast_path(daemon):
     service, url = daemon("--format", "raw", "--welcome", "")
     client = await connect(url)
     try:
-        (member,) = list(service.factory.room)
+        (member,) = list(service.room)
         assert fastwrite.canSendDirectly(member.transport)
         client.sendText("fast")
         assert await client.nextText() == "fast"

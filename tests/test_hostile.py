@@ -10,24 +10,16 @@ import tracemalloc
 from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
-from rawws import (
-    OP_BINARY,
-    OP_CONT,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    RawPeer,
-    deflate,
-    deflateBomb,
-    frame,
-    handshake,
-)
+from rawws import RawPeer, deflate, deflateBomb, frame, handshake
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from txaio.testutil import replace_loop
 
+from wschat.bench.frames import OP_BINARY, OP_PING, OP_PONG, OP_TEXT
+from wschat.bench.frames import OP_CONTINUATION as OP_CONT
 from wschat.limits import Limits
 from wschat.protocol import ChatServerFactory
+from wschat.server import ChatServer
 from wschat.wire import Format
 
 DEFLATE_OFFER = "Sec-WebSocket-Extensions: permessage-deflate"
@@ -49,14 +41,14 @@ class ClockedTestCase(SynchronousTestCase):
 
     def factory(self, fmt: Format = Format.RAW, **limits: Any) -> ChatServerFactory:
         compression = limits.pop("compression", False)
-        return ChatServerFactory(
+        return ChatServer(
             fmt=fmt,
             welcome="",
             logMessages=False,
             limits=Limits(**limits),
             compression=compression,
             reactor=self.clock,
-        )
+        ).factory
 
 
 class SlowReaderTests(ClockedTestCase):
@@ -94,7 +86,7 @@ class SlowReaderTests(ClockedTestCase):
         self.clock.advance(factory.closeHandshakeTimeout + 0.5)
         self.assertTrue(slow.aborted)
         slow.lose()
-        self.assertEqual(list(factory.room), [sender.protocol])
+        self.assertEqual(list(factory.chatServer.room), [sender.protocol])
 
     def test_transport_released_when_lost(self) -> None:
         """A lost connection lets go of its transport (and the unsent bytes it holds)."""
@@ -148,7 +140,7 @@ class SlowReaderTests(ClockedTestCase):
     def test_refusal_notices_count_while_paused(self) -> None:
         """A client that sends but never reads is closed once the notices it is owed pass it."""
         factory = self.factory(maxQueue=1000)
-        factory.bus = RefusingBus()
+        factory.chatServer.bus = RefusingBus()
         peer = RawPeer(factory).open()
         peer.protocol.pauseProducing()
         for _ in range(100):
@@ -456,7 +448,7 @@ class FloodTests(ClockedTestCase):
         RawPeer(factory, "10.0.0.2", 1).open()
         a.lose()
         RawPeer(factory, "10.0.0.1", 4).open()
-        self.assertEqual(factory.connectionsPerHost["10.0.0.1"], 2)
+        self.assertEqual(factory.chatServer.connectionsPerHost["10.0.0.1"], 2)
 
     def test_per_ip_ipv6_slash_64(self) -> None:
         """IPv6 clients in one /64 share the per-address allowance."""
@@ -475,4 +467,4 @@ class FloodTests(ClockedTestCase):
                 a.sendText("x")
                 a.sendText("y")  # rate limited: closed by the server
             a.lose()
-        self.assertEqual(len(factory.connectionsPerHost), 0)
+        self.assertEqual(len(factory.chatServer.connectionsPerHost), 0)

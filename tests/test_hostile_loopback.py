@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from rawws import handshake
+from rawws import RawClient, handshake, rawConnect
 from twisted.internet import defer, reactor, task
 
 from wschat.protocol import ChatServerProtocol
-from wschat.testing import QueueClientProtocol, RawClient, closeAll, connect, rawConnect
+from wschat.testing import QueueClientProtocol, closeAll, connect
 
 
 def spyOnOpens(service: Any) -> defer.DeferredQueue[ChatServerProtocol]:
@@ -89,8 +89,8 @@ async def test_never_reading_client_dropped_others_lose_nothing(daemon, gcEnable
     gc.enable()
     print(f"never-reader closed after {len(sent) * 1008} bytes relayed to the room")
     assert slow.wasCloseHandshakeTimeout, "the never-reader was not dropped at the TCP level"
-    assert slow not in list(service.factory.room)
-    assert len(list(service.factory.room)) == 3
+    assert slow not in list(service.room)
+    assert len(list(service.room)) == 3
     slowClient.transport.abortConnection()  # type: ignore[union-attr]
     await slowClient.lost
     await closeAll(readers)

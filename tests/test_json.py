@@ -13,8 +13,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from wschat.metrics import Metrics
-from wschat.protocol import ChatServerFactory
 from wschat.room import Room
+from wschat.server import ChatServer
 from wschat.testing import QueueClientFactory, connect, memoryConnection
 from wschat.wire import (
     JSON_SUBPROTOCOL,
@@ -155,10 +155,10 @@ class MemoryJSONTests(SynchronousTestCase):
     """The real protocol in memory, with the time under test's control."""
 
     def test_welcomeStampedWithReactorTime(self):
-        """A JSON client's welcome is stamped with the factory's reactor time."""
+        """A JSON client's welcome is stamped with the server's reactor time."""
         clock = MemoryReactorClock()
         clock.advance(1700000000.5)
-        server = ChatServerFactory(reactor=clock)
+        server = ChatServer(reactor=clock).factory
         client = QueueClientFactory("ws://127.0.0.1:2000", protocols=[JSON_SUBPROTOCOL])
         _, proto, pump = memoryConnection(
             server, client, peer=IPv4Address("TCP", "192.0.2.7", 40000)

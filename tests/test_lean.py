@@ -7,13 +7,14 @@ from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket import protocol as autobahn_protocol
 
 from wschat import lean
-from wschat.protocol import ChatServerFactory, ChatServerProtocol
+from wschat.protocol import ChatServerProtocol
+from wschat.server import ChatServer
 from wschat.testing import connect
 
 
 def test_factory_options_become_class_attributes():
     """The class built for a factory carries every option with the factory's value."""
-    factory = ChatServerFactory()
+    factory = ChatServer().factory
     factory.setProtocolOptions(autoPingInterval=7)
     cls = lean.protocolClass(factory)
     assert issubclass(cls, ChatServerProtocol) and cls.__name__ == "ChatServerProtocol"
@@ -26,7 +27,7 @@ def test_factory_options_become_class_attributes():
 
 def test_nothing_left_for_autobahn_to_copy_or_log(monkeypatch):
     """Pins Autobahn: with CONFIG_ATTRS empty, a new connection pretty-prints no options."""
-    factory = ChatServerFactory()
+    factory = ChatServer().factory
     cls = lean.protocolClass(factory)
     assert cls.CONFIG_ATTRS == () and ChatServerProtocol.CONFIG_ATTRS
     formatted = []
@@ -42,7 +43,7 @@ def test_nothing_left_for_autobahn_to_copy_or_log(monkeypatch):
 
 def test_function_options_stay_plain_functions():
     """A callable option (compression accept) is not turned into a method of the class."""
-    factory = ChatServerFactory()
+    factory = ChatServer().factory
 
     def accept(offers):
         return ("accepted", offers)
@@ -55,7 +56,7 @@ def test_function_options_stay_plain_functions():
 
 def test_changed_options_make_a_new_class():
     """setProtocolOptions after connections exist applies to new connections only."""
-    factory = ChatServerFactory()
+    factory = ChatServer().factory
     before = factory.maxMessagePayloadSize
     first = lean.protocolClass(factory)
     factory.setProtocolOptions(maxMessagePayloadSize=before + 1)
@@ -66,7 +67,7 @@ def test_changed_options_make_a_new_class():
 
 def test_factories_do_not_share_options():
     """Two factories (two daemons in one process) keep their own options."""
-    a, b = ChatServerFactory(), ChatServerFactory()
+    a, b = ChatServer().factory, ChatServer().factory
     default = b.maxFramePayloadSize
     a.setProtocolOptions(maxFramePayloadSize=10)
     assert lean.protocolClass(a).maxFramePayloadSize == 10
@@ -79,7 +80,7 @@ async def test_open_connection_holds_no_option_copies(daemon):
     service, url = daemon("--format", "raw", "--welcome", "")
     client = await connect(url)
     try:
-        (member,) = list(service.factory.room)
+        (member,) = list(service.room)
         copied = set(WebSocketServerProtocol.CONFIG_ATTRS) & set(vars(member))
         # The one per-connection option: the dispatcher, which already timed the head,
         # turns off Autobahn's handshake timer for this connection.

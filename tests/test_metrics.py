@@ -36,7 +36,7 @@ def samples(exposition: bytes) -> dict[tuple[str, tuple], float]:
 
 
 def value(service, name: str, **labels: str) -> float | None:
-    return service.factory.metrics.registry.get_sample_value(name, labels)
+    return service.metrics.registry.get_sample_value(name, labels)
 
 
 class MetricsTests(SynchronousTestCase):

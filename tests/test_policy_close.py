@@ -5,13 +5,14 @@ from __future__ import annotations
 import struct
 
 from autobahn.websocket.protocol import WebSocketProtocol
-from rawws import OP_CLOSE, RawPeer, frame
+from rawws import RawPeer, frame
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from txaio.testutil import replace_loop
 
+from wschat.bench.frames import OP_CLOSE
 from wschat.closing import closeWith
-from wschat.protocol import ChatServerFactory
+from wschat.server import ChatServer
 from wschat.wire import Format
 
 
@@ -21,7 +22,7 @@ class PolicyCloseTests(SynchronousTestCase):
         loop = replace_loop(self.clock)
         loop.__enter__()
         self.addCleanup(loop.__exit__, None, None, None)
-        self.factory = ChatServerFactory(fmt=Format.RAW, welcome="", reactor=self.clock)
+        self.factory = ChatServer(fmt=Format.RAW, welcome="", reactor=self.clock).factory
 
     def test_sends_rfc_code_and_reason(self) -> None:
         """A code sendClose refuses (1008) goes out in a close frame with its reason."""

@@ -9,15 +9,16 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rawws import OP_TEXT, RawPeer, frame, handshake
+from rawws import RawPeer, frame, handshake
 from twisted.internet import defer, reactor, task
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from txaio.testutil import replace_loop
 from zope.interface import provider
 
+from wschat.bench.frames import OP_TEXT
 from wschat.limits import Limits
-from wschat.protocol import ChatServerFactory
+from wschat.server import ChatServer
 from wschat.testing import connect, startDaemon
 from wschat.wire import Format
 
@@ -109,7 +110,7 @@ def test_malformed_input_never_raises_never_stops_the_room(
     globalLogPublisher.addObserver(failures)
     try:
         with replace_loop(clock):
-            factory = ChatServerFactory(
+            server = ChatServer(
                 fmt=fmt,
                 welcome="",
                 logMessages=False,
@@ -117,6 +118,7 @@ def test_malformed_input_never_raises_never_stops_the_room(
                 compression=compression,
                 reactor=clock,
             )
+            factory = server.factory
             a = RawPeer(factory, port=1).open()
             fuzz = RawPeer(factory, port=2)
             if not before:
@@ -130,7 +132,7 @@ def test_malformed_input_never_raises_never_stops_the_room(
             clock.advance(15)
             if fuzz.dropped:
                 fuzz.lose()
-                assert fuzz.protocol not in list(factory.room)
+                assert fuzz.protocol not in list(server.room)
             a.sendText("still here")
             relayed = b"127.0.0.1:1: still here" if fmt is Format.PREFIXED else b"still here"
             assert b.texts()[-1:] == [relayed]
@@ -145,7 +147,7 @@ def test_fuzz_helpers_reach_the_room() -> None:
     """The fuzz test's own setup relays a well-formed message (the property is not vacuous)."""
     clock = MemoryReactorClock()
     with replace_loop(clock):
-        factory = ChatServerFactory(fmt=Format.RAW, welcome="", reactor=clock)
+        factory = ChatServer(fmt=Format.RAW, welcome="", reactor=clock).factory
         a, b = RawPeer(factory, port=1).open(), RawPeer(factory, port=2).open()
         fuzz = RawPeer(factory, port=3).open()
         fuzz.send(frame(OP_TEXT, b"from fuzz"))

@@ -59,7 +59,7 @@ class ProtocolTests(SynchronousTestCase):
         room.flush()
         self.assertEqual(alice.closed.result[0], 1003)
         self.assertEqual(received(bob), [])
-        self.assertEqual(len(room.factory.room), 1)
+        self.assertEqual(len(room.server.room), 1)
         bob.sendMessage(b"still here")
         room.flush()
         self.assertEqual(received(bob), [(b"127.0.0.1:2: still here", False)])
@@ -93,10 +93,10 @@ class ProtocolTests(SynchronousTestCase):
         room = MemoryRoom(welcome="")
         _, alice = room.connect(1)
         room.connect(2)
-        self.assertEqual(len(room.factory.room), 2)
+        self.assertEqual(len(room.server.room), 2)
         alice.sendClose(1000)
         room.flush()
-        self.assertEqual(len(room.factory.room), 1)
+        self.assertEqual(len(room.server.room), 1)
 
 
 class LoggingTests(SynchronousTestCase):

@@ -7,21 +7,15 @@ from typing import Any
 
 import pytest_twisted
 import txredisapi
+from childprocess import freePort
+from redisserver import RedisServer, waitFor
 
-from wschat.bus import (
-    REFUSED_DOWN,
-    REFUSED_LOST,
-    REFUSED_NO_ROOM,
-    Envelope,
-    RedisBus,
-    encodeEnvelope,
-    parseRedisURL,
-)
-from wschat.protocol import DEFAULT_WELCOME
+from wschat.envelope import Envelope, encodeEnvelope
+from wschat.redisaddress import parseRedisURL
+from wschat.redisbus import REFUSED_DOWN, REFUSED_LOST, REFUSED_NO_ROOM, RedisBus
 from wschat.room import Room
-from wschat.tap import ChatService
-from wschat.testing import QueueClientProtocol, bySender, closeAll, connect, freePort
-from wschat.testing_redis import RedisServer, waitFor
+from wschat.server import DEFAULT_WELCOME, ChatServer
+from wschat.testing import QueueClientProtocol, bySender, closeAll, connect
 from wschat.wire import Message
 
 REFUSAL = f"wschat: {REFUSED_DOWN}"
@@ -44,13 +38,13 @@ async def redis() -> AsyncIterator[Callable[..., Coroutine[Any, Any, RedisServer
         server.cleanup()
 
 
-def bus(service: ChatService) -> RedisBus:
-    b = service.factory.bus
+def bus(service: ChatServer) -> RedisBus:
+    b = service.bus
     assert isinstance(b, RedisBus)
     return b
 
 
-async def allUp(*services: ChatService) -> None:
+async def allUp(*services: ChatServer) -> None:
     await waitFor(lambda: all(bus(s).available for s in services))
 
 

@@ -7,13 +7,14 @@ import time
 
 import pytest
 import pytest_twisted
-from rawws import OP_CLOSE, handshake
+from childprocess import listeningPort, spawnTwistd
+from rawws import RawClient, handshake, rawConnect
 from twisted.internet import defer, error, reactor
 from twisted.internet.task import Clock
 
-from wschat.bench.frames import serverFrame
+from wschat.bench.frames import OP_CLOSE, serverFrame
 from wschat.client import ChatClientFactory, ChatSession
-from wschat.testing import RawClient, connect, listeningPort, rawConnect, spawnTwistd
+from wschat.testing import connect
 
 GOING_AWAY = (1001, "server shutting down")
 
@@ -34,7 +35,7 @@ async def test_stop_closes_clients_with_1001(daemon):
     closes = await defer.gatherResults([c.closed for c in clients])
     assert closes == [GOING_AWAY] * 3
     await stopped
-    assert len(service.factory.room) == 0
+    assert len(service.room) == 0
     assert service.ports[0].connected is False
 
 
@@ -76,7 +77,7 @@ async def test_silent_client_dropped_at_timeout(daemon):
     clock.advance(0.1)
     await raw.lost
     assert stopped
-    assert len(service.factory.room) == 0
+    assert len(service.room) == 0
 
 
 class RecordingSession(ChatSession):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from wschat.handshake import Origin, OriginPolicy
-from wschat.tap import ChatService, Options, makeService, portDescription
+from wschat.server import ChatServer
+from wschat.tap import Options, buildServer, portDescription
 from wschat.wire import Format
 
 
@@ -66,21 +68,32 @@ class OptionsTests(SynchronousTestCase):
         e = self.assertRaises(usage.UsageError, parse, "--format", "json")
         self.assertIn("prefixed, raw", str(e))
 
-    def test_flags_reach_the_factory(self) -> None:
-        """--welcome, --format, --no-message-log, --no-connection-log configure the factory."""
-        service = makeService(parse("--welcome", "", "--format", "raw", "--no-message-log"))
-        self.assertIsInstance(service, ChatService)
-        self.assertEqual(service.factory.welcome, b"")
-        self.assertEqual(service.factory.room.format, Format.RAW)
-        self.assertFalse(service.factory.logMessages)
-        self.assertTrue(service.factory.logConnections)
-        quiet = makeService(parse("--no-connection-log"))
-        self.assertFalse(quiet.factory.logConnections)
-        self.assertTrue(quiet.factory.logMessages)
+    def test_flags_reach_the_server(self) -> None:
+        """--welcome, --format, --no-message-log, --no-connection-log configure the server."""
+        service = buildServer(parse("--welcome", "", "--format", "raw", "--no-message-log"))
+        self.assertIsInstance(service, ChatServer)
+        self.assertEqual(service.welcome, b"")
+        self.assertEqual(service.room.format, Format.RAW)
+        self.assertFalse(service.logMessages)
+        self.assertTrue(service.logConnections)
+        quiet = buildServer(parse("--no-connection-log"))
+        self.assertFalse(quiet.logConnections)
+        self.assertTrue(quiet.logMessages)
+
+    def test_server_runs_on_the_reactor_given(self) -> None:
+        """buildServer's reactor runs the connections and the shutdown bound, not the global one."""
+        clock = MemoryReactorClock()
+        service = buildServer(parse("--listen", "tcp:0"), reactor=clock)
+        self.assertIs(service.reactor, clock)
+        self.assertIs(service.clock, clock)
+        self.assertIs(service.factory.reactor, clock)
+        service.startService()
+        self.assertEqual([port for port, *_ in clock.tcpServers], [0])
+        service.stopService()
 
     def test_one_listener_per_endpoint(self) -> None:
-        """makeService builds a listening service per --listen, and listens on none yet."""
-        service = makeService(parse("--listen", "tcp:0", "--listen", "tcp6:0"))
+        """buildServer builds a listening service per --listen, and listens on none yet."""
+        service = buildServer(parse("--listen", "tcp:0", "--listen", "tcp6:0"))
         self.assertEqual([e.description for e in service.endpoints], ["tcp:0", "tcp6:0"])
         self.assertEqual(service.ports, [])
 
@@ -96,15 +109,15 @@ class OriginProxyShutdownOptionsTests(SynchronousTestCase):
         self.assertEqual(options["origins"], OriginPolicy())
 
     def test_allowedOriginRepeats(self) -> None:
-        """--allowed-origin repeats, and builds the factory's origin policy."""
+        """--allowed-origin repeats, and builds the server's origin policy."""
         options = parse("--allowed-origin", "https://a.example", "--allowed-origin", "null")
-        service = makeService(options)
+        service = buildServer(options)
         self.assertEqual(
-            service.factory.origins.allowed,
+            service.origins.allowed,
             frozenset({Origin("https", "a.example", 443), Origin("null", "", None)}),
         )
-        self.assertFalse(service.factory.origins.allowAll)
-        self.assertTrue(makeService(parse("--allowed-origin", "*")).factory.origins.allowAll)
+        self.assertFalse(service.origins.allowAll)
+        self.assertTrue(buildServer(parse("--allowed-origin", "*")).origins.allowAll)
 
     def test_allowedOriginRefused(self) -> None:
         """Something that is not an origin is a usage error naming the option."""
@@ -114,14 +127,14 @@ class OriginProxyShutdownOptionsTests(SynchronousTestCase):
         self.assertIn("scheme://host[:port]", str(caught.exception))
 
     def test_trustForwardedFor(self) -> None:
-        """--trust-forwarded-for takes a hop count to the factory; a negative one is refused."""
-        self.assertEqual(makeService(parse("--trust-forwarded-for", "2")).factory.trustedHops, 2)
+        """--trust-forwarded-for takes a hop count to the server; a negative one is refused."""
+        self.assertEqual(buildServer(parse("--trust-forwarded-for", "2")).trustedHops, 2)
         self.assertRaises(usage.UsageError, parse, "--trust-forwarded-for", "-1")
         self.assertRaises(usage.UsageError, parse, "--trust-forwarded-for", "x")
 
     def test_shutdownTimeout(self) -> None:
         """--shutdown-timeout reaches the service; negative or not a number is refused."""
-        self.assertEqual(makeService(parse("--shutdown-timeout", "2.5")).shutdownTimeout, 2.5)
+        self.assertEqual(buildServer(parse("--shutdown-timeout", "2.5")).shutdownTimeout, 2.5)
         for bad in ["-1", "nan", "soon"]:
             with self.subTest(value=bad):
                 self.assertRaises(usage.UsageError, parse, "--shutdown-timeout", bad)

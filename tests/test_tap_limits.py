@@ -7,7 +7,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from wschat.limits import Limits
 from wschat.protocol import acceptDeflate
-from wschat.tap import Options, limitsFromOptions, makeFactory
+from wschat.server import ChatServer
+from wschat.tap import Options, buildServer, limitsFromOptions
 
 
 def parse(*args: str) -> Options:
@@ -74,8 +75,8 @@ class LimitOptionsTests(SynchronousTestCase):
 
 class FactoryOptionsTests(SynchronousTestCase):
     def test_limits_reach_autobahn(self) -> None:
-        """makeFactory hands each limit to the Autobahn option that enforces it."""
-        factory = makeFactory(
+        """buildServer hands each limit to the Autobahn option that enforces it."""
+        server = buildServer(
             parse(
                 "--max-message-size=2K",
                 "--ping-interval=7",
@@ -86,6 +87,7 @@ class FactoryOptionsTests(SynchronousTestCase):
                 "--max-queue=10K",
             )
         )
+        factory = server.factory
         self.assertEqual(
             (
                 factory.maxFramePayloadSize,
@@ -94,23 +96,21 @@ class FactoryOptionsTests(SynchronousTestCase):
                 factory.autoPingTimeout,
                 factory.openHandshakeTimeout,
                 factory.maxConnections,
-                factory.connectionsPerHost.limit,
-                factory.limits.maxQueue,
+                server.connectionsPerHost.limit,
+                server.limits.maxQueue,
             ),
             (2048, 2048, 7.0, 3.0, 4.0, 9, 2, 10240),
         )
 
     def test_failures_send_close_codes_and_no_status_page(self) -> None:
         """Protocol failures close with a code (not a bare drop); no HTML status page."""
-        factory = makeFactory(parse())
+        factory = buildServer(parse()).factory
         self.assertFalse(factory.failByDrop)
         self.assertFalse(factory.webStatus)
 
     def test_null_origin_setting_kept(self) -> None:
         """Applying the limits keeps Autobahn's allowNullOrigin (setProtocolOptions resets it)."""
-        from wschat.protocol import ChatServerFactory
-
-        factory = ChatServerFactory()
+        factory = ChatServer().factory
         self.assertTrue(factory.allowNullOrigin)
         factory.setProtocolOptions(allowNullOrigin=False)
         factory.setProtocolOptions(allowNullOrigin=factory.allowNullOrigin)
@@ -119,6 +119,6 @@ class FactoryOptionsTests(SynchronousTestCase):
     def test_compression_flag(self) -> None:
         """--compression accepts permessage-deflate offers; without it none is accepted."""
         self.assertIs(
-            makeFactory(parse("--compression")).perMessageCompressionAccept, acceptDeflate
+            buildServer(parse("--compression")).factory.perMessageCompressionAccept, acceptDeflate
         )
-        self.assertIsNone(makeFactory(parse()).perMessageCompressionAccept(["offer"]))
+        self.assertIsNone(buildServer(parse()).factory.perMessageCompressionAccept(["offer"]))

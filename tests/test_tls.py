@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 
 import pytest_twisted
+from childprocess import ProcessWatcher
+from tlsfiles import makeTLSFiles
 from twisted.internet import ssl
 
-from wschat.testing import ProcessWatcher, connect, makeTLSFiles
+from wschat.testing import connect
 
 
 def clientTLS(files, host="127.0.0.1"):

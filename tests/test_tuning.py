@@ -7,7 +7,8 @@ import resource
 
 import pytest
 
-from wschat.tap import Options, makeService
+from wschat import tap
+from wschat.tap import Options, buildServer, makeService
 from wschat.tuning import raiseFileLimit, withBacklog
 
 
@@ -46,3 +47,24 @@ def test_daemon_start_freezes_what_exists():
     makeService(options)
     assert gc.get_freeze_count() > 1000
     gc.unfreeze()
+
+
+def test_daemon_start_raises_the_file_limit(monkeypatch):
+    """makeService, the twistd start path, raises the open-file limit for many connections."""
+    raised = []
+    monkeypatch.setattr(tap, "raiseFileLimit", lambda: raised.append(True))
+    options = Options()
+    options.parseOptions(["--port", "0"])
+    makeService(options)
+    gc.unfreeze()
+    assert raised == [True]
+
+
+def test_building_the_server_leaves_the_process_alone(monkeypatch):
+    """buildServer (tests, embedding programs) neither freezes the collector nor touches limits."""
+    gc.unfreeze()
+    monkeypatch.setattr(tap, "raiseFileLimit", lambda: pytest.fail("file limit raised"))
+    options = Options()
+    options.parseOptions(["--port", "0"])
+    buildServer(options)
+    assert gc.get_freeze_count() == 0

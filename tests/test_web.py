@@ -7,6 +7,7 @@ from importlib.resources import files
 
 import pytest
 import pytest_twisted
+from tlsfiles import makeTLSFiles
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Protocol
 from twisted.python import usage
@@ -14,14 +15,22 @@ from twisted.web.client import Agent, PartialDownloadError, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
+from wschat.server import ChatServer
 from wschat.tap import Options
-from wschat.testing import connect, makeTLSFiles
+from wschat.testing import connect
 from wschat.web import CONTENT_SECURITY_POLICY, HealthResource
 
 # Twisted's readBody warns about the proxy transport its own Agent hands it.
 pytestmark = pytest.mark.filterwarnings("ignore:Using readBody with a transport:DeprecationWarning")
 
 WELCOME = "Welcome to chat! Type a message"
+
+
+class Member:
+    """A room member that receives nothing."""
+
+    def deliver(self, frame) -> None:
+        pass
 
 
 def httpURL(wsURL: str) -> str:
@@ -130,7 +139,7 @@ async def test_websocket_connection_is_its_transports_producer(daemon):
     service, url = daemon()
     client = await connect(url)
     await client.nextText()
-    [server] = list(service.factory.room)
+    [server] = list(service.room)
     assert server.transport.producer is server
     assert server.transport.streamingProducer
 
@@ -150,9 +159,10 @@ async def test_healthz_reports_ok_and_connections(daemon):
 @pytest_twisted.ensureDeferred
 async def test_healthz_503_when_not_accepting():
     """/healthz answers 503 "stopping" once the daemon no longer accepts connections."""
-    port = reactor.listenTCP(
-        0, Site(HealthResource(lambda: False, lambda: 4)), interface="127.0.0.1"
-    )
+    server = ChatServer()  # never started: not accepting
+    for _ in range(4):
+        server.room.join(Member())
+    port = reactor.listenTCP(0, Site(HealthResource(server)), interface="127.0.0.1")
     try:
         code, headers, body = await request(f"http://127.0.0.1:{port.getHost().port}/")
     finally:

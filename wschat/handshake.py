@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress
 
-from wschat.wire import formatAddress
+from wschat.wire import formatAddress, hostPort
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
@@ -183,8 +183,7 @@ def senderAddress(peer: IAddress, client: str | None) -> str:
     """
     if client is None:
         return formatAddress(peer)
-    if ":" in client:  # IPv6: forwardedClient gives the address in canonical form
-        client = f"[{client}]"
     if isinstance(peer, IPv4Address | IPv6Address):
-        return f"{client}:{peer.port}"
-    return client
+        return hostPort(client, peer.port)
+    # No port behind a UNIX socket; an IPv6 address is still bracketed, as with a port.
+    return f"[{client}]" if ":" in client else client

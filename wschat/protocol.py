@@ -1,31 +1,13 @@
 """
-The WebSocket side of the daemon: one protocol per connection, one factory holding the room.
+The WebSocket side of the daemon: one :class:`ChatServerProtocol` per connection, built by a
+thin :class:`ChatServerFactory` over the daemon's :class:`~wschat.server.ChatServer`.
 
-Wire protocol (see also :mod:`wschat.wire` and the README):
-
-- The opening handshake is plain RFC 6455; no subprotocol is required. A client that offers the
-  subprotocol ``wschat.json`` gets it, and receives JSON objects instead (:mod:`wschat.wire`):
-  a ``welcome``, every ``message``, and ``join``/``leave`` events for the others.
-- On open the server sends the greeting (``--welcome``) as one text message, unless it is empty.
-- Each message a client sends is relayed to every open connection, sender included, in the
-  daemon's ``--format``. In ``prefixed`` format a binary message is refused with close 1003.
-- Messages from one sender are relayed in the order sent, and every client sees one and the
-  same order, because one reactor thread relays each message to all before the next.
-- With ``--redis`` the room spans daemons (:mod:`wschat.bus`); a message the bus cannot relay
-  gets its sender a text notice ``wschat: <reason>`` instead, and the connection stays open.
-- A handshake whose ``Origin`` is neither the daemon's own nor allowed gets HTTP 403 (see
-  :mod:`wschat.handshake`); one arriving while the daemon stops gets 503.
-- Limits (:mod:`wschat.limits`, README "Limits and hostile input"): a client whose unsent
-  backlog passes ``--max-queue`` is closed with 1008; one sending faster than ``--rate-limit``
-  is closed with 1008; a message over ``--max-message-size`` gets 1009, invalid UTF-8 1007,
-  a protocol error 1002. A handshake past ``--max-connections`` gets HTTP 503, past
-  ``--max-connections-per-ip`` HTTP 429.
-- When the daemon stops, every connection is closed with 1001 (going away).
+The wire protocol it speaks is specified in docs/protocol.md.
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from autobahn.exception import Disconnected
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -33,36 +15,33 @@ from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflat
 from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IConsumer, IPushProducer, ISSLTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wschat import fastwrite, lean
-from wschat.bus import Bus, LocalBus
 from wschat.closing import (
     GOING_AWAY,
     POLICY_VIOLATION,
     UNSUPPORTED_DATA,
-    closeAll,
     closeWith,
 )
-from wschat.handshake import OriginPolicy, forwardedClient, senderAddress
-from wschat.limits import ConnectionCounter, Limits, TokenBucket, hostKey
-from wschat.metrics import REFUSED_BINARY, REFUSED_RATE_LIMIT, REFUSED_RELAY, Metrics
-from wschat.room import Room
+from wschat.handshake import forwardedClient, senderAddress
+from wschat.limits import Limits, TokenBucket, hostKey
+from wschat.metrics import REFUSED_BINARY, REFUSED_RATE_LIMIT, REFUSED_RELAY
 from wschat.wire import (
     JSON_SUBPROTOCOL,
     Format,
     Message,
     jsonNotice,
-    jsonWelcome,
 )
 
-_OPEN = WebSocketProtocol.STATE_OPEN
+if TYPE_CHECKING:
+    from wschat.server import ChatServer
 
-DEFAULT_WELCOME = "Welcome to chat! Type a message"
+_OPEN = WebSocketProtocol.STATE_OPEN
 
 #: HTTP status for a handshake past ``--max-connections-per-ip``.
 HTTP_TOO_MANY_REQUESTS = 429
@@ -97,12 +76,11 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        limits = self.factory.limits
+        server = self.factory.chatServer
+        limits = server.limits
         self._maxQueue = limits.maxQueue
         if limits.rateLimit:
-            self._bucket = TokenBucket(
-                limits.rateLimit, limits.rateBurst, self.factory.reactor.seconds
-            )
+            self._bucket = TokenBucket(limits.rateLimit, limits.rateBurst, server.reactor.seconds)
         # Every Twisted stream transport (TCP, UNIX, TLS) is also a consumer.
         cast(IConsumer, self.transport).registerProducer(self, True)
 
@@ -136,7 +114,7 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
             peer=self.address,
             limit=self._maxQueue,
         )
-        self.factory.metrics.clientDropped()
+        self.factory.chatServer.metrics.clientDropped()
         closeWith(
             self, POLICY_VIOLATION, f"too slow: more than {self._maxQueue} bytes waiting to be sent"
         )
@@ -153,28 +131,28 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         assert self.transport is not None
-        factory = self.factory
-        if factory.shuttingDown:
+        server = self.factory.chatServer
+        if server.shuttingDown:
             raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "server shutting down")
         headers = request.headers
         secure = ISSLTransport.providedBy(self.transport)
-        if not factory.origins.allows(request.origin, headers.get("host"), secure):
+        if not server.origins.allows(request.origin, headers.get("host"), secure):
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, f"origin {request.origin} not allowed")
         peer = self.transport.getPeer()
-        client = forwardedClient(headers.get("x-forwarded-for"), factory.trustedHops)
+        client = forwardedClient(headers.get("x-forwarded-for"), server.trustedHops)
         self.address = senderAddress(peer, client)
         self._admit(client or peer)
         if JSON_SUBPROTOCOL in request.protocols:
             self.format = Format.JSON
             return JSON_SUBPROTOCOL
-        self.format = factory.room.format
+        self.format = server.room.format
         return None
 
     def _admit(self, client: Any) -> None:
         """
         Count this connection against ``--max-connections-per-ip``, or refuse it.
         """
-        counter = self.factory.connectionsPerHost
+        counter = self.factory.chatServer.connectionsPerHost
         if not counter.limit:
             return
         key = hostKey(client)
@@ -188,40 +166,40 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         self._hostKey = key
 
     def onOpen(self) -> None:
-        factory = self.factory
-        factory.room.join(self, self.format)
-        factory.metrics.connectionOpened()
-        if factory.logConnections:
+        server = self.factory.chatServer
+        server.room.join(self, self.format)
+        server.metrics.connectionOpened()
+        if server.logConnections:
             self._log.info("New connection from {peer}", peer=self.address)
-        greeting = factory.greeting(self)
+        greeting = server.greeting(self)
         if greeting:
             self.sendMessage(greeting)
-            factory.metrics.delivered(1, len(greeting))
-        factory.room.announce("join", self.address, exclude=self)
+            server.metrics.delivered(1, len(greeting))
+        server.room.announce("join", self.address, exclude=self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.state != WebSocketProtocol.STATE_OPEN:
             # We are closing this connection (refused, too slow): relay nothing more from it.
             return
-        factory = self.factory
-        factory.metrics.messageReceived()
+        server = self.factory.chatServer
+        server.metrics.messageReceived()
         bucket = self._bucket
         if bucket is not None and not bucket.take():
             self._log.info("Closing {peer}: rate limit exceeded", peer=self.address)
-            factory.metrics.messageRefused(REFUSED_RATE_LIMIT)
+            server.metrics.messageRefused(REFUSED_RATE_LIMIT)
             closeWith(
                 self,
                 POLICY_VIOLATION,
                 f"rate limit exceeded: over {bucket.rate:g} messages/s (burst {bucket.burst})",
             )
             return
-        if isBinary and factory.room.format is Format.PREFIXED:
-            factory.metrics.messageRefused(REFUSED_BINARY)
+        if isBinary and server.room.format is Format.PREFIXED:
+            server.metrics.messageRefused(REFUSED_BINARY)
             closeWith(self, UNSUPPORTED_DATA, "binary messages are not accepted; send text")
             return
-        if factory.logMessages:
+        if server.logMessages:
             self._logMessage(payload, isBinary)
-        factory.bus.publish(Message(self.address, payload, isBinary), self)
+        server.bus.publish(Message(self.address, payload, isBinary), self)
 
     def onPing(self, payload: bytes) -> None:
         # A client that sends pings but reads nothing must not grow its queue of pongs.
@@ -230,15 +208,15 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         super().onPing(payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        factory = self.factory
-        if factory.room.leave(self):
-            factory.metrics.connectionClosed(code)
-            factory.room.announce("leave", self.address)
+        server = self.factory.chatServer
+        if server.room.leave(self):
+            server.metrics.connectionClosed(code)
+            server.room.announce("leave", self.address)
         if self._hostKey is not None:
-            factory.connectionsPerHost.release(self._hostKey)
+            server.connectionsPerHost.release(self._hostKey)
             self._hostKey = None
         self._fireGone()
-        if self.address and factory.logConnections:
+        if self.address and server.logConnections:
             self._log.info(
                 "Connection from {peer} closed: code {code} {reason}",
                 peer=self.address,
@@ -269,11 +247,11 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         Tell this client the bus did not relay its message: the text ``wschat: <reason>``,
         or a JSON ``notice`` object.
         """
-        factory = self.factory
-        factory.metrics.messageRefused(REFUSED_RELAY)
+        server = self.factory.chatServer
+        server.metrics.messageRefused(REFUSED_RELAY)
         if self.state == WebSocketProtocol.STATE_OPEN:
             if self.format is Format.JSON:
-                notice = jsonNotice(reason, factory.reactor.seconds())
+                notice = jsonNotice(reason, server.reactor.seconds())
             else:
                 notice = b"wschat: " + reason.encode("utf-8")
             # A client that sends but never reads must not grow its queue of notices either.
@@ -315,29 +293,18 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
 
 class ChatServerFactory(WebSocketServerFactory):
     """
-    Builds :class:`ChatServerProtocol` instances and keeps the :class:`Room` they share.
+    Builds :class:`ChatServerProtocol` instances for ``chatServer``, with Autobahn's options
+    set from its limits. (Autobahn's own ``server`` attribute is the Server header.)
     """
 
     protocol = ChatServerProtocol  # type: ignore[assignment]
 
-    def __init__(
-        self,
-        *,
-        fmt: Format = Format.PREFIXED,
-        welcome: str = DEFAULT_WELCOME,
-        logMessages: bool = True,
-        logConnections: bool = True,
-        metrics: Metrics | None = None,
-        origins: OriginPolicy | None = None,
-        trustedHops: int = 0,
-        limits: Limits | None = None,
-        compression: bool = False,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, chatServer: ChatServer, **kwargs: Any) -> None:
         kwargs.setdefault("server", "wschat")
+        kwargs.setdefault("reactor", chatServer.reactor)
         super().__init__(**kwargs)
-        self.limits = limits = limits or Limits()
-        self.connectionsPerHost = ConnectionCounter(limits.maxConnectionsPerIp)
+        self.chatServer = chatServer
+        limits = chatServer.limits
         self.setProtocolOptions(
             maxFramePayloadSize=limits.maxMessageSize,
             maxMessagePayloadSize=limits.maxMessageSize,
@@ -351,47 +318,19 @@ class ChatServerFactory(WebSocketServerFactory):
             # No Autobahn status page for a request without Upgrade (those go to the web site
             # anyway), nor its ?redirect=URL, which redirects anywhere.
             webStatus=False,
-            perMessageCompressionAccept=acceptDeflate if compression else None,
+            perMessageCompressionAccept=acceptDeflate if chatServer.compression else None,
             # Autobahn's own origin check cannot compare with the Host header and answers 400;
-            # it lets every origin through and onConnect applies ``origins`` with a 403.
+            # it lets every origin through and onConnect applies the server's origin policy
+            # with a 403.
             allowedOrigins=["*"],
             allowNullOrigin=True,
         )
-        self.metrics = metrics if metrics is not None else Metrics()
-        self.room = Room(self.prepareMessage, fmt, metrics=self.metrics, now=self.reactor.seconds)
-        # Where received messages go: this room, or (--redis) every daemon's room.
-        self.bus: Bus = LocalBus(self.room)
-        self.welcome = welcome.encode("utf-8")
-        self.logMessages = logMessages
-        self.logConnections = logConnections
-        self.origins = origins if origins is not None else OriginPolicy()
-        self.trustedHops = trustedHops
-        self.shuttingDown = False
-
-    def shutDown(self, timeout: float, clock: IReactorTime) -> Deferred[None]:
-        """
-        Refuse new handshakes (503), close every open connection with 1001, and fire once all
-        are gone; connections still there after ``timeout`` seconds are dropped.
-        """
-        self.shuttingDown = True
-        members = [m for m in self.room if isinstance(m, ChatServerProtocol)]
-        return closeAll(members, timeout, clock)
 
     def buildProtocol(self, addr: Any) -> Any:
         # Options as class attributes, not copied onto every connection: see wschat.lean.
         p: ChatServerProtocol = lean.protocolClass(self)()
         p.factory = self
         return p
-
-    def greeting(self, connection: ChatServerProtocol) -> bytes:
-        """
-        What ``connection`` receives first: the ``--welcome`` text, or for a JSON client
-        a ``welcome`` object (always, since it tells the client its own address).
-        """
-        if connection.format is Format.JSON:
-            text = self.welcome.decode("utf-8")
-            return jsonWelcome(connection.address, len(self.room), text, self.reactor.seconds())
-        return self.welcome
 
 
 def acceptDeflate(offers: list[Any]) -> PerMessageDeflateOfferAccept | None:

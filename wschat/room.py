@@ -1,9 +1,10 @@
 """
 The chat room: who is connected, and fan-out of one message to all of them.
 
-Data flows one way: a protocol hands a received message to :meth:`Room.broadcast`, which
-frames it once per format its members receive (plain, JSON) and gives the same frame to every
-member of that format through :meth:`Member.deliver`.
+Data flows one way: a protocol hands a received message to the server's bus
+(:mod:`wschat.bus`), the bus to :meth:`Room.broadcast` (of this daemon, or of every daemon on
+the Redis channel), which frames it once per format its members receive (plain, JSON) and gives
+the same frame to every member of that format through :meth:`Member.deliver`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Room:
     """
     The set of open connections and the fan-out to them.
 
-    @param prepare: frames a payload once, for every member (the factory's
+    @param prepare: frames a payload once, for every member (the WebSocket factory's
         ``prepareMessage``).
     @param fmt: how a relayed message is built from what its sender sent, for members that
         did not ask for JSON.

@@ -7,29 +7,20 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.application import service, strports
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import (
-    IListeningPort,
-    IProtocolFactory,
-    IReactorTime,
-    IStreamServerEndpoint,
-)
-from twisted.logger import Logger
 from twisted.python import usage
-from zope.interface import implementer
 
-from wschat.bus import DEFAULT_CHANNEL, RedisBus, parseChannel, parseRedisURL
-from wschat.dispatch import DispatchFactory
 from wschat.handshake import OriginPolicy
 from wschat.limits import Limits, parseSize
-from wschat.protocol import DEFAULT_WELCOME, ChatServerFactory
-from wschat.tuning import freezeStartupObjects, raiseFileLimit, withBacklog
-from wschat.web import makeMetricsSite, makeSite
+from wschat.redisaddress import DEFAULT_CHANNEL, parseChannel, parseRedisURL
+from wschat.server import DEFAULT_WELCOME, ChatServer
+from wschat.tuning import freezeStartupObjects, raiseFileLimit
 from wschat.wire import Format
+
+if TYPE_CHECKING:
+    from wschat.redisbus import RedisBus
 
 
 def portDescription(port: int, interface: str) -> str:
@@ -261,40 +252,18 @@ class Options(usage.Options):
         self["format"] = Format(self["format"])
         if not self["listen"]:
             self["listen"] = [portDescription(self["port"], self["interface"])]
+        if self["redis"] is not None:
+            # Here, so that twistd reports a missing Redis client as the usage error it is.
+            redisBusClass()
 
 
-@implementer(IStreamServerEndpoint)
-class LoggingEndpoint:
+def buildServer(options: Options, reactor: Any = None) -> ChatServer:
     """
-    Wraps a server endpoint to log where it listens, and keeps the port for whoever asks.
+    The daemon ``options`` describe, not started, on ``reactor`` (the global one unless given).
+
+    It leaves the process alone: an embedding program or a test gets a server and nothing else.
     """
-
-    _log = Logger()
-
-    def __init__(
-        self, description: str, endpoint: IStreamServerEndpoint, what: str = "wschat"
-    ) -> None:
-        self.description = description
-        self._endpoint = endpoint
-        self.what = what
-        self.port: IListeningPort | None = None
-
-    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        def listening(port: IListeningPort) -> IListeningPort:
-            self.port = port
-            self._log.info(
-                "{what} listening on {address} ({description})",
-                what=self.what,
-                address=port.getHost(),
-                description=self.description,
-            )
-            return port
-
-        return self._endpoint.listen(protocolFactory).addCallback(listening)
-
-
-def makeFactory(options: Options) -> ChatServerFactory:
-    return ChatServerFactory(
+    server = ChatServer(
         fmt=options["format"],
         welcome=options["welcome"],
         logMessages=not options["no-message-log"],
@@ -303,96 +272,41 @@ def makeFactory(options: Options) -> ChatServerFactory:
         trustedHops=options["trust-forwarded-for"],
         limits=limitsFromOptions(options),
         compression=options["compression"],
-    )
-
-
-class ChatService(service.MultiService):
-    """
-    The daemon: one listening service per endpoint, all serving one web site (page, health,
-    metrics) whose WebSocket handshakes feed one room; and metrics on their own endpoint
-    when ``metricsListen`` is given.
-    """
-
-    _log = Logger()
-
-    def __init__(
-        self,
-        factory: ChatServerFactory,
-        descriptions: list[str],
-        metricsListen: str | None = None,
-        metrics: bool = True,
-        shutdownTimeout: float = 5.0,
-        clock: IReactorTime | None = None,
-    ) -> None:
-        super().__init__()
-        self.factory = factory
-        self.site = makeSite(factory, self.accepting, metrics and metricsListen is None)
-        self.shutdownTimeout = shutdownTimeout
-        #: Times the shutdown bound; the reactor unless a test gives a Clock.
-        self.clock = clock
-        self.endpoints: list[LoggingEndpoint] = []
-        # One port serves both: each connection goes to the room or the site by its first request.
-        chat = DispatchFactory(factory, self.site, factory.reactor)
-        for description in descriptions:
-            self.endpoints.append(self._listen(description, chat))
-        self.metricsEndpoint: LoggingEndpoint | None = None
-        if metrics and metricsListen is not None:
-            metricsSite = makeMetricsSite(factory, self.accepting)
-            self.metricsEndpoint = self._listen(metricsListen, metricsSite, "wschat metrics")
-
-    def _listen(
-        self, description: str, factory: IProtocolFactory, what: str = "wschat"
-    ) -> LoggingEndpoint:
-        listener = strports.service(withBacklog(description), factory)
-        endpoint = LoggingEndpoint(description, listener.endpoint, what)
-        listener.endpoint = endpoint
-        listener.setServiceParent(self)
-        return endpoint
-
-    def accepting(self) -> bool:
-        """Whether the daemon is running and so accepts connections (for /healthz)."""
-        return bool(self.running)
-
-    @property
-    def ports(self) -> list[IListeningPort]:
-        """The ports listened on, once the service has started."""
-        return [e.port for e in self.endpoints if e.port is not None]
-
-    def stopService(self) -> Deferred[None]:
-        """
-        Stop listening first, so no one new arrives; then close every client with 1001 and
-        wait for the close handshakes, at most ``shutdownTimeout`` seconds.
-        """
-        clock = self.clock
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
-        assert clock is not None
-
-        def closeClients(_: object) -> Deferred[None]:
-            self._log.info(
-                "Stopped listening; closing {count} connections (1001 going away), "
-                "waiting up to {timeout} s",
-                count=len(self.factory.room),
-                timeout=self.shutdownTimeout,
-            )
-            return self.factory.shutDown(self.shutdownTimeout, clock)
-
-        return maybeDeferred(super().stopService).addCallback(closeClients)
-
-
-def makeService(options: Options) -> ChatService:
-    raiseFileLimit()
-    factory = makeFactory(options)
-    chat = ChatService(
-        factory,
-        options["listen"],
+        listen=options["listen"],
         metricsListen=options["metrics-listen"],
-        metrics=not options["no-metrics"],
+        serveMetrics=not options["no-metrics"],
         shutdownTimeout=options["shutdown-timeout"],
+        reactor=reactor,
     )
     if options["redis"] is not None:
-        bus = RedisBus(factory.room, options["redis"], options["channel"])
-        factory.bus = bus
-        bus.setServiceParent(chat)
+        bus = redisBusClass()(
+            server.room, options["redis"], options["channel"], reactor=server.reactor
+        )
+        server.useBus(bus)
+    return server
+
+
+def redisBusClass() -> type[RedisBus]:
+    """
+    The Redis bus, imported only when asked for: a daemon without ``--redis`` never loads the
+    Redis client. Without the ``redis`` extra installed, a usage error says how to get it.
+    """
+    try:
+        from wschat.redisbus import RedisBus
+    except ImportError as e:
+        raise usage.UsageError(
+            f"--redis needs the Redis client ({e.name or e} is not installed): "
+            "pip install 'wschat[redis]'"
+        ) from None
+    return RedisBus
+
+
+def makeService(options: Options) -> ChatServer:
+    """
+    The ``twistd wschat`` start path: the server, and the process tuned for many connections
+    (open files, the garbage collector). Only the daemon's own process should be tuned so.
+    """
+    raiseFileLimit()
+    server = buildServer(options)
     freezeStartupObjects()
-    return chat
+    return server

@@ -16,9 +16,8 @@ The page is package data, read once at start-up and served from memory.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from importlib.resources import files
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from prometheus_client.twisted import MetricsResource
 from twisted.web import http
@@ -27,7 +26,8 @@ from twisted.web.pages import errorPage, notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
-from wschat.protocol import ChatServerFactory
+if TYPE_CHECKING:
+    from wschat.server import ChatServer
 
 #: The page and its assets: (file in wschat/static, URL path segment, media type).
 ASSETS = [
@@ -110,20 +110,19 @@ class HealthResource(ReadOnly):
     503 once it is stopping.
     """
 
-    def __init__(self, accepting: Callable[[], bool], connections: Callable[[], int]) -> None:
+    def __init__(self, server: ChatServer) -> None:
         super().__init__()
-        self._accepting = accepting
-        self._connections = connections
+        self._server = server
 
     def render_GET(self, request: IRequest) -> bytes:
-        if self._accepting():
+        if self._server.accepting():
             status = "ok"
         else:
             status = "stopping"
             request.setResponseCode(503)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
-        body = {"status": status, "connections": self._connections()}
+        body = {"status": status, "connections": len(self._server.room)}
         return json.dumps(body).encode("utf-8") + b"\n"
 
 
@@ -140,11 +139,7 @@ def _asset(name: str, mediaType: str) -> Asset:
     return Asset((files("wschat") / "static" / name).read_bytes(), mediaType)
 
 
-def makeSite(
-    factory: ChatServerFactory,
-    accepting: Callable[[], bool],
-    metrics: bool = True,
-) -> ChatSite:
+def makeSite(server: ChatServer, metrics: bool = True) -> ChatSite:
     """
     The site for the chat port: page, health, metrics (when ``metrics``). WebSocket
     handshakes never reach it: :mod:`wschat.dispatch` sends them to the room first.
@@ -152,21 +147,19 @@ def makeSite(
     root = Root()
     for name, path, mediaType in ASSETS:
         root.putChild(path, _asset(name, mediaType))
-    return _monitoredSite(root, factory, accepting, metrics)
+    return _monitoredSite(root, server, metrics)
 
 
-def makeMetricsSite(factory: ChatServerFactory, accepting: Callable[[], bool]) -> ChatSite:
+def makeMetricsSite(server: ChatServer) -> ChatSite:
     """
     The site for ``--metrics-listen``: ``/metrics`` and ``/healthz`` only.
     """
-    return _monitoredSite(Root(), factory, accepting, metrics=True)
+    return _monitoredSite(Root(), server, metrics=True)
 
 
-def _monitoredSite(
-    root: Root, factory: ChatServerFactory, accepting: Callable[[], bool], metrics: bool
-) -> ChatSite:
+def _monitoredSite(root: Root, server: ChatServer, metrics: bool) -> ChatSite:
     """``root`` with ``/healthz`` and (when ``metrics``) ``/metrics``, as a site."""
-    root.putChild(b"healthz", HealthResource(accepting, lambda: len(factory.room)))
+    root.putChild(b"healthz", HealthResource(server))
     if metrics:
-        root.putChild(b"metrics", MetricsResource(factory.metrics.registry))
+        root.putChild(b"metrics", MetricsResource(server.metrics.registry))
     return ChatSite(root, timeout=HTTP_IDLE_TIMEOUT)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from wschat.testing import LISTENING, findExecutable
+from childprocess import LISTENING, findExecutable
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Playwright

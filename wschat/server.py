@@ -1,0 +1,199 @@
+"""
+The daemon's one server object: the room, the bus, metrics, limits, origins and shutdown, with
+its listeners (and the Redis bus, when there is one) as child services.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from wschat.bus import Bus, LocalBus
+from wschat.closing import closeAll
+from wschat.dispatch import DispatchFactory
+from wschat.handshake import OriginPolicy
+from wschat.limits import ConnectionCounter, Limits
+from wschat.metrics import Metrics
+from wschat.protocol import ChatServerFactory, ChatServerProtocol
+from wschat.room import Room
+from wschat.tuning import withBacklog
+from wschat.web import makeMetricsSite, makeSite
+from wschat.wire import Format, jsonWelcome
+
+DEFAULT_WELCOME = "Welcome to chat! Type a message"
+
+
+@implementer(IStreamServerEndpoint)
+class LoggingEndpoint:
+    """
+    Wraps a server endpoint to log where it listens, and keeps the port for whoever asks.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self, description: str, endpoint: IStreamServerEndpoint, what: str = "wschat"
+    ) -> None:
+        self.description = description
+        self._endpoint = endpoint
+        self.what = what
+        self.port: IListeningPort | None = None
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        def listening(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            self._log.info(
+                "{what} listening on {address} ({description})",
+                what=self.what,
+                address=port.getHost(),
+                description=self.description,
+            )
+            return port
+
+        return self._endpoint.listen(protocolFactory).addCallback(listening)
+
+
+class ChatServer(service.MultiService):
+    """
+    One chat daemon: a room fed by a bus, the connections' limits and policies, and the
+    listeners that serve them.
+
+    Each ``listen`` endpoint serves one web site (page, health, metrics) whose WebSocket
+    handshakes go to :attr:`factory`; ``metricsListen`` moves metrics to an endpoint of
+    their own. Nothing listens before the service starts.
+
+    @param fmt: what the room relays to clients that did not ask for JSON.
+    @param welcome: the greeting each new client gets ('' for none).
+    @param reactor: runs the connections and stamps the time; the global reactor unless given.
+    @param clock: times the shutdown bound; ``reactor`` unless given.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        *,
+        fmt: Format = Format.PREFIXED,
+        welcome: str = DEFAULT_WELCOME,
+        logMessages: bool = True,
+        logConnections: bool = True,
+        metrics: Metrics | None = None,
+        origins: OriginPolicy | None = None,
+        trustedHops: int = 0,
+        limits: Limits | None = None,
+        compression: bool = False,
+        listen: Sequence[str] = (),
+        metricsListen: str | None = None,
+        serveMetrics: bool = True,
+        shutdownTimeout: float = 5.0,
+        reactor: Any = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.clock: IReactorTime = clock if clock is not None else reactor
+        self.limits = limits = limits or Limits()
+        self.compression = compression
+        self.connectionsPerHost = ConnectionCounter(limits.maxConnectionsPerIp)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.welcome = welcome.encode("utf-8")
+        self.logMessages = logMessages
+        self.logConnections = logConnections
+        self.origins = origins if origins is not None else OriginPolicy()
+        self.trustedHops = trustedHops
+        self.shutdownTimeout = shutdownTimeout
+        self.shuttingDown = False
+        self.factory = ChatServerFactory(self)
+        # The room frames each message once, for every member, with Autobahn's prepareMessage.
+        self.room = Room(
+            self.factory.prepareMessage, fmt, metrics=self.metrics, now=reactor.seconds
+        )
+        # Where received messages go: this room, or (--redis) every daemon's room.
+        self.bus: Bus = LocalBus(self.room)
+        self.site = makeSite(self, serveMetrics and metricsListen is None)
+        self.endpoints: list[LoggingEndpoint] = []
+        # One port serves both: each connection goes to the room or the site by its first request.
+        chat = DispatchFactory(self.factory, self.site, reactor)
+        for description in listen:
+            self.endpoints.append(self._listen(description, chat))
+        self.metricsEndpoint: LoggingEndpoint | None = None
+        if serveMetrics and metricsListen is not None:
+            metricsSite = makeMetricsSite(self)
+            self.metricsEndpoint = self._listen(metricsListen, metricsSite, "wschat metrics")
+
+    def _listen(
+        self, description: str, factory: IProtocolFactory, what: str = "wschat"
+    ) -> LoggingEndpoint:
+        listener = strports.service(withBacklog(description), factory, reactor=self.reactor)
+        endpoint = LoggingEndpoint(description, listener.endpoint, what)
+        listener.endpoint = endpoint
+        listener.setServiceParent(self)
+        return endpoint
+
+    def useBus(self, bus: Bus) -> None:
+        """
+        Relay through ``bus`` instead of this room alone; a bus that is a service (the Redis
+        bus) starts and stops with the server.
+        """
+        self.bus = bus
+        if service.IService.providedBy(bus):
+            service.IService(bus).setServiceParent(self)
+
+    def accepting(self) -> bool:
+        """Whether the daemon is running and so accepts connections (for /healthz)."""
+        return bool(self.running)
+
+    @property
+    def ports(self) -> list[IListeningPort]:
+        """The ports listened on, once the service has started."""
+        return [e.port for e in self.endpoints if e.port is not None]
+
+    def greeting(self, connection: ChatServerProtocol) -> bytes:
+        """
+        What ``connection`` receives first: the ``--welcome`` text, or for a JSON client
+        a ``welcome`` object (always, since it tells the client its own address).
+        """
+        if connection.format is Format.JSON:
+            text = self.welcome.decode("utf-8")
+            return jsonWelcome(connection.address, len(self.room), text, self.reactor.seconds())
+        return self.welcome
+
+    def shutDown(self) -> Deferred[None]:
+        """
+        Refuse new handshakes (503), close every open connection with 1001, and fire once all
+        are gone; connections still there after ``shutdownTimeout`` seconds (on ``clock``)
+        are dropped.
+        """
+        self.shuttingDown = True
+        members = [m for m in self.room if isinstance(m, ChatServerProtocol)]
+        return closeAll(members, self.shutdownTimeout, self.clock)
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop listening first, so no one new arrives; then close every client with 1001 and
+        wait for the close handshakes, at most ``shutdownTimeout`` seconds.
+        """
+
+        def closeClients(_: object) -> Deferred[None]:
+            self._log.info(
+                "Stopped listening; closing {count} connections (1001 going away), "
+                "waiting up to {timeout} s",
+                count=len(self.room),
+                timeout=self.shutdownTimeout,
+            )
+            return self.shutDown()
+
+        return maybeDeferred(super().stopService).addCallback(closeClients)
