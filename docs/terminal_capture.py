@@ -29,9 +29,11 @@ from pathlib import Path
 import pyte
 from playwright.sync_api import sync_playwright
 
-from wschat.livetesting import TIMEOUT, ClientProcess, DaemonProcess, launchChromium
-
 HERE = Path(__file__).resolve().parent
+# The daemon, client and Chromium helpers are the browser tests' own.
+sys.path.insert(0, str(HERE.parent / "tests"))
+from browser import TIMEOUT, ClientProcess, DaemonProcess, launchChromium  # noqa: E402
+
 COLUMNS, LINES = 84, 14
 
 

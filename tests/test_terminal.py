@@ -18,6 +18,7 @@ import pyte
 import pytest
 import pytest_twisted
 import wcwidth
+from childprocess import findExecutable, freePort
 from twisted.internet import defer, utils
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
@@ -39,7 +40,7 @@ from wschat.terminal import (
     textWidth,
     wrapTokens,
 )
-from wschat.testing import closeAll, connect, findExecutable, freePort
+from wschat.testing import closeAll, connect
 
 # -- pure pieces
 
