@@ -1036,10 +1036,12 @@ def start(
 def wanted(options: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[bool, bool]:
     """
     ``(interactive, colour)`` for the client: interactive when standard input and output are a
-    terminal that can move its cursor, unless ``--no-tty``; colour unless ``--no-color``,
-    ``NO_COLOR`` or a terminal without colours.
+    terminal that can move its cursor, unless ``--no-tty`` or ``--listen-only`` (nothing to
+    type); colour unless ``--no-color``, ``NO_COLOR`` or a terminal without colours.
     """
-    if options.get("no-tty") or not (sys.stdin.isatty() and sys.stdout.isatty()):
+    if options.get("no-tty") or options.get("listen-only"):
+        return False, False
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
         return False, False
     interactive, colour = terminalCapabilities(environ)
     return interactive, colour and not options.get("no-color")
