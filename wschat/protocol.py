@@ -64,6 +64,9 @@ _OPEN = WebSocketProtocol.STATE_OPEN
 
 DEFAULT_WELCOME = "Welcome to chat! Type a message"
 
+#: Handshake response header naming ``--max-message-size`` in bytes.
+MAX_MESSAGE_SIZE_HEADER = "X-WSChat-Max-Message-Size"
+
 #: HTTP status for a handshake past ``--max-connections-per-ip``.
 HTTP_TOO_MANY_REQUESTS = 429
 
@@ -151,7 +154,7 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         # cycle that only a full garbage collection frees, so let go of the transport now.
         self.transport = None
 
-    def onConnect(self, request: ConnectionRequest) -> str | None:
+    def onConnect(self, request: ConnectionRequest) -> tuple[str | None, dict[str, str]]:
         assert self.transport is not None
         factory = self.factory
         if factory.shuttingDown:
@@ -164,11 +167,13 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         client = forwardedClient(headers.get("x-forwarded-for"), factory.trustedHops)
         self.address = senderAddress(peer, client)
         self._admit(client or peer)
+        # Clients learn the largest message accepted, so they can refuse longer ones themselves.
+        answer = {MAX_MESSAGE_SIZE_HEADER: str(factory.limits.maxMessageSize)}
         if JSON_SUBPROTOCOL in request.protocols:
             self.format = Format.JSON
-            return JSON_SUBPROTOCOL
+            return JSON_SUBPROTOCOL, answer
         self.format = factory.room.format
-        return None
+        return None, answer
 
     def _admit(self, client: Any) -> None:
         """
