@@ -292,6 +292,7 @@ class ChatSession:
         self._finishing = False
         #: Lines refused here or by the room, and closes that may have lost lines.
         self.notDelivered = 0
+        self._sentOnConnection = 0
         self.exitCode = EXIT_OK
         self.done: defer.Deferred[None] = defer.Deferred()
         self._closeWaiters: list[defer.Deferred[None]] = []
@@ -348,6 +349,7 @@ class ChatSession:
             )
             return
         connection.sendMessage(data)
+        self._sentOnConnection += 1
 
     def lineRefused(self, why: str) -> None:
         """A line was not sent; say why, and exit with status 3 in the end."""
@@ -414,11 +416,16 @@ class ChatSession:
     ) -> None:
         if self.connection is connection:
             self.connection = None
+        sent, self._sentOnConnection = self._sentOnConnection, 0
         if code is not None and code != WebSocketProtocol.CLOSE_STATUS_CODE_ABNORMAL_CLOSE:
             self.showClose(code, reason)
             if code not in _NORMAL_CLOSES:
                 # The room closed over something we sent: lines sent since may be lost.
                 self.notDelivered += 1
+        elif sent:
+            # No closing handshake confirmed that the room read what we sent.
+            self.notDelivered += 1
+            self.status("connection lost before the room confirmed the lines sent on it")
         if self._finishing:
             self.finish(self.exitCode)
 
