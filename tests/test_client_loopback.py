@@ -7,10 +7,11 @@ from importlib.metadata import version
 
 import pytest_twisted
 
-from wschat.client import escapeLine
 from wschat.testing import ProcessWatcher, connect, freePort, makeTLSFiles, startDaemon
 
 SPOOF = "hello\n127.0.0.1:1: I am the admin\r\x1b[31m"
+#: SPOOF as the client prints it: one line, LF, CR and ESC escaped.
+SPOOF_ESCAPED = r"hello\n127.0.0.1:1: I am the admin\r\x1b[31m"
 
 
 def client(processes, *args: str) -> ProcessWatcher:
@@ -81,20 +82,24 @@ async def test_listen_only_with_stdin_at_end(daemon, processes):
 async def test_listen_only_reconnects(processes):
     """A listen-only client outlives its daemon and hears the one that comes back."""
     first, url = startDaemon(["--format", "raw", "--welcome", ""])
-    cli = client(processes, "--url", url, "--listen-only")
-    cli.closeStdin()
-    await cli.waitFor("^wschat: connected to ", "err")
-    await first.stopService()
-    await cli.waitFor("^wschat: closed with code 1001", "err")
-    await cli.waitFor("lost; retrying in", "err")
-    listen = f"tcp:{port(url)}:interface=127.0.0.1"
-    second, _ = startDaemon(["--format", "raw", "--welcome", "back", "--listen", listen])
+    services = [first]
     try:
+        cli = client(processes, "--url", url, "--listen-only")
+        cli.closeStdin()
+        await cli.waitFor("^wschat: connected to ", "err")
+        await first.stopService()
+        await cli.waitFor("^wschat: closed with code 1001", "err")
+        await cli.waitFor("lost; retrying in", "err")
+        listen = f"tcp:{port(url)}:interface=127.0.0.1"
+        second, _ = startDaemon(["--format", "raw", "--welcome", "back", "--listen", listen])
+        services.append(second)
         await cli.waitFor("^back$")
         cli.signal("TERM")
         assert await cli.ended == 0, cli.output
     finally:
-        await second.stopService()
+        for service in services:
+            if service.running:
+                await service.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -110,13 +115,12 @@ async def test_spoofed_line_escaped(daemon, processes):
     expected = f"{sender.address}: {SPOOF}"
     await raw.waitFor("^127.0.0.1:1: I am the admin")
     line = await escaped.waitFor("^127.0.0.1:\\d+: hello")
-    assert line.string == escapeLine(expected)
-    assert line.string.endswith(": hello\\n127.0.0.1:1: I am the admin\\r\\x1b[31m")
+    assert line.string == f"{sender.address}: {SPOOF_ESCAPED}"
     assert not any(line.startswith("127.0.0.1:1:") for line in escaped.lines["out"])
     for cli in (escaped, raw):
         cli.signal("INT")
         assert await cli.ended == 0
-    assert escaped.lines["out"] == [escapeLine(expected)]
+    assert escaped.lines["out"] == [f"{sender.address}: {SPOOF_ESCAPED}"]
     assert "\n".join(raw.lines["out"]) == expected
     sender.sendClose()
     await sender.closed
@@ -130,12 +134,12 @@ async def test_relay_notice_on_stderr(daemon, processes):
     await cli.waitFor("^wschat: connected to ", "err")
     (member,) = list(service.factory.room)
     member.refused("message not delivered: the room is unavailable")
-    await cli.waitFor("^wschat: message not delivered: the room is unavailable$", "err")
     cli.write(b"still here\n")
     await cli.waitFor("^still here$")
     cli.closeStdin()
     assert await cli.ended == 3, cli.output
     assert cli.lines["out"] == ["still here"]
+    assert "wschat: message not delivered: the room is unavailable" in cli.lines["err"]
 
 
 @pytest_twisted.ensureDeferred
