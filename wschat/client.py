@@ -10,6 +10,7 @@ room closed the connection over them).
 
 from __future__ import annotations
 
+import random
 import re
 import sys
 from collections import deque
@@ -196,8 +197,17 @@ class ChatClientFactory(WebSocketClientFactory, ReconnectingClientFactory):
             )
             self.session.gaveUp()
             return
-        self.retry(connector)
-        self.session.status(f"{what}; retrying in {self.delay:.1f} s")
+        # Jitter here rather than in retry(), to tell the user the delay actually waited;
+        # never past the cap.
+        delay = self.delay
+        if self.jitter:
+            delay = min(max(random.normalvariate(delay, delay * self.jitter), 0.0), self.maxDelay)
+        jitter, self.delay, self.jitter = self.jitter, delay, 0
+        try:
+            self.retry(connector)
+        finally:
+            self.jitter = jitter
+        self.session.status(f"{what}; retrying in {delay:.1f} s")
 
 
 @implementer(IHalfCloseableProtocol)
