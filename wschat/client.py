@@ -61,7 +61,8 @@ DEFAULT_MAX_MESSAGE_SIZE = Limits().maxMessageSize
 #: A text message starting so is the daemon's own notice (a message it did not relay).
 NOTICE_PREFIX = b"wschat: "
 
-#: Close codes with which the daemon refuses what a client sent (lines may be lost with them).
+#: Close codes that say nothing about what we sent; any other code from the daemon refused
+#: something of ours (1008 rate limit, 1009 too big, ...), and lines may be lost with it.
 _NORMAL_CLOSES = (
     WebSocketProtocol.CLOSE_STATUS_CODE_NORMAL,
     WebSocketProtocol.CLOSE_STATUS_CODE_GOING_AWAY,
@@ -115,7 +116,7 @@ class ChatClientProtocol(WebSocketClientProtocol):
 
     def onConnect(self, response: ConnectionResponse) -> None:
         stated = response.headers.get(MAX_MESSAGE_SIZE_HEADER, "")
-        if stated.isdigit() and int(stated) > 0:
+        if stated.isascii() and stated.isdigit() and int(stated) > 0:
             self.maxMessageSize = int(stated)
 
     def onOpen(self) -> None:
