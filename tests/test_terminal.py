@@ -296,6 +296,11 @@ def test_json_objects_to_screen_calls():
         ("notice", "not delivered", True),
         ("message", None, "not json", False),
     ]
+    refused: list[str] = []
+    reader = RoomReader(screen, refused=refused.append)
+    reader.connected(True, None)
+    reader.received(json.dumps({"type": "notice", "text": "not relayed"}).encode(), False)
+    assert refused == ["not relayed"]
 
 
 def test_plain_prefixed_text_to_screen_calls():
@@ -899,3 +904,21 @@ async def test_a_failing_screen_restores_the_terminal_and_exits_1(monkeypatch, c
                 os.close(fd)
             except OSError:
                 pass
+
+
+@pytest_twisted.ensureDeferred
+async def test_pty_refused_line_is_said_and_exit_is_3(daemon, pty):
+    """A line over the room's limit is not sent, the room says why, and the exit status is 3."""
+    service, url = daemon("--max-message-size", "1000")
+    client, _, _ = await pty(url)
+    await client.waitUntil(lambda: "connected │ 1 online" in client.status, "connected")
+    client.write(b"x" * 1500 + b"\r")
+    await client.waitUntil(
+        lambda: client.shows("line of 1500 bytes not sent: the room accepts at most 1000 bytes"),
+        "the refusal",
+    )
+    client.write(b"short\r")
+    await client.waitUntil(lambda: client.shows("you: short"), "the next line")
+    client.write(b"\x04")
+    assert await client.ended == 3
+    assert client.shows("wschat: 1 line not sent or not delivered")

@@ -811,12 +811,14 @@ class RoomReader:
     Room payloads to :class:`ChatScreen` calls: JSON objects (``wschat.json``, see
     docs/protocol.md) when the server accepted that subprotocol, else plain text, where a
     ``<sender>: `` prefix names the sender and ``you`` is guessed from the local address.
+    A JSON ``notice`` (a message of ours the room did not relay) goes to ``refused``.
     """
 
     _PREFIX = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3}:\d+|\[[0-9A-Fa-f:.]+\]:\d+|unix): ")
 
-    def __init__(self, screen: ChatScreen) -> None:
+    def __init__(self, screen: ChatScreen, refused: Callable[[str], None] | None = None) -> None:
         self.screen = screen
+        self._refused = refused
         self.json = False
         self.you: str | None = None
 
@@ -863,7 +865,10 @@ class RoomReader:
             elif kind in ("join", "leave"):
                 self.screen.showPresence(kind, str(obj["who"]), int(obj["online"]), when)
             elif kind == "notice":
-                self.screen.showNotice(str(obj["text"]), important=True)
+                if self._refused is not None:
+                    self._refused(str(obj["text"]))
+                else:
+                    self.screen.showNotice(str(obj["text"]), important=True)
             # Other types are for newer clients.
         except (ValueError, KeyError, TypeError, binascii.Error):
             self.screen.showMessage(None, payload.decode("utf-8", "replace"), None, False)
@@ -885,30 +890,49 @@ def _parseTime(value: object) -> float | None:
 
 class TerminalSession(ChatSession):
     """
-    The client's session with a :class:`ChatTerminal` as its output: status goes to the status
-    bar (to standard error once the terminal is restored), room payloads through a
-    :class:`RoomReader`, and it is the terminal's :class:`ChatControl`.
+    The client's session with a :class:`ChatTerminal` as its output: room messages go through a
+    :class:`RoomReader`, status to the status bar (while connected, as a line in the room; on
+    standard error once the terminal is restored), and it is the terminal's
+    :class:`ChatControl`.
     """
 
     def __init__(self, reactor: IReactorTime, maxPending: int = 1000) -> None:
-        super().__init__(reactor, self._showStatus, maxPending=maxPending)
+        super().__init__(reactor, _stderrStatus, maxPending=maxPending)
         self.screen: ChatTerminal | None = None
         self.reader: RoomReader | None = None
 
     def attachScreen(self, screen: ChatTerminal) -> None:
         self.screen = screen
-        self.reader = RoomReader(screen)
+        self.reader = RoomReader(screen, refused=self._refused)
 
     def detachScreen(self) -> None:
         self.screen = None
 
-    def _showStatus(self, text: str) -> None:
-        if self.screen is None or self.screen.closed:
-            sys.stderr.write(f"wschat: {text}\n")
-        elif self.connection is not None and not text.startswith("connected"):
-            self.screen.showNotice(text)
-        elif not text.startswith("connected"):
-            self.screen.showStatus(text)
+    def _shown(self) -> ChatTerminal | None:
+        return self.screen if self.screen is not None and not self.screen.closed else None
+
+    # What the user sees (wschat.client.ChatSession's three methods)
+
+    def showMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._shown() is not None and self.reader is not None:
+            self.reader.received(payload, isBinary)
+
+    def status(self, text: str) -> None:
+        screen = self._shown()
+        if screen is None:
+            super().status(text)
+        elif text.startswith("connected"):
+            pass  # The welcome (or the connection, without JSON) says so in the status bar.
+        elif self.connection is not None:
+            screen.showNotice(text, important=True)
+        else:
+            screen.showStatus(text)
+
+    def _refused(self, text: str) -> None:
+        # A JSON notice: the room did not relay a message of ours, as a plain "wschat: " one.
+        self.notDelivered += 1
+        if self.screen is not None:
+            self.screen.showNotice(text, important=True)
 
     # ChatControl
 
@@ -930,9 +954,10 @@ class TerminalSession(ChatSession):
             self.reader.connected(json, formatAddress(host) if host is not None else None)
         super().connected(connection)
 
-    def received(self, payload: bytes, isBinary: bool) -> None:
-        if self.reader is not None and self.screen is not None:
-            self.reader.received(payload, isBinary)
+
+def _stderrStatus(text: str) -> None:
+    sys.stderr.write(f"wschat: {text}\n")
+    sys.stderr.flush()
 
 
 class TerminalMode:
