@@ -922,3 +922,12 @@ async def test_pty_refused_line_is_said_and_exit_is_3(daemon, pty):
     client.write(b"\x04")
     assert await client.ended == 3
     assert client.shows("wschat: 1 line not sent or not delivered")
+
+
+@pytest_twisted.ensureDeferred
+async def test_pty_giving_up_restores_the_terminal_and_says_why(pty):
+    """With --max-retries, giving up exits 1 with the terminal restored and the reason shown."""
+    client, _, name = await pty(f"ws://127.0.0.1:{freePort()}", "--max-retries", "0")
+    assert await client.ended == 1
+    assert client.shows("refused; giving up after 0 retries")
+    assert await stty(name) == client.sttyBefore
