@@ -1,19 +1,35 @@
 """
-Child processes for the benchmark drivers (``compare.py``, ``redis_fanout.py``): a free port
-to start one on, waiting until it listens, and stopping it.
+Child processes for the benchmark drivers: for ``compare.py`` and ``redis_fanout.py``, a free
+port to start one on, waiting until it listens, and stopping it; for ``slow_reader.py``, which
+runs under the reactor, the test tree's ``twistd`` watcher and raw TCP client.
 """
 
 from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-from wschat.testing import freePort
+# One implementation of each, shared with the tests (tests/childprocess.py, tests/rawws.py).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from childprocess import findExecutable, freePort, listeningPort, spawnTwistd  # noqa: E402
+from rawws import RawClient, rawConnect  # noqa: E402
 
-__all__ = ["freePort", "processes", "stop", "waitListening"]
+__all__ = [
+    "RawClient",
+    "findExecutable",
+    "freePort",
+    "listeningPort",
+    "processes",
+    "rawConnect",
+    "spawnTwistd",
+    "stop",
+    "waitListening",
+]
 
 
 def waitListening(port: int, process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:

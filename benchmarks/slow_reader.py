@@ -22,12 +22,12 @@ import sys
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
+from children import RawClient, listeningPort, rawConnect, spawnTwistd
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
 from wschat.bench.frames import handshakeRequest
 from wschat.bench.stats import processRssBytes
-from wschat.testing import RawClient, listeningPort, rawConnect, spawnTwistd
 
 
 def rss(pid: int) -> int:

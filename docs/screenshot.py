@@ -11,14 +11,16 @@ prints the daemon's /metrics.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
 from playwright.sync_api import Page, expect, sync_playwright
 
-from wschat.livetesting import ClientProcess, DaemonProcess, launchChromium
-
 HERE = Path(__file__).resolve().parent
+# The daemon, client and Chromium helpers are the browser tests' own.
+sys.path.insert(0, str(HERE.parent / "tests"))
+from browser import ClientProcess, DaemonProcess, launchChromium  # noqa: E402
 
 
 def say(page: Page, text: str) -> None:

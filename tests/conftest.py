@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from childprocess import ProcessWatcher, spawn
 from twisted.internet import defer
 from twisted.logger import formatEvent, globalLogPublisher
 
 from wschat.server import ChatServer
-from wschat.testing import ProcessWatcher, spawn, startDaemon
+from wschat.testing import startDaemon
 
 
 @pytest_twisted.async_yield_fixture

@@ -1,62 +1,44 @@
 """
-Hand-made WebSocket bytes for tests that must send what no well-behaved client would.
+Hand-made WebSocket bytes for tests that must send what no well-behaved client would, built
+with the load tool's framer (:mod:`wschat.bench.frames`).
 
 :class:`RawPeer` drives one server protocol through an in-memory transport: feed it bytes,
-read back the HTTP response and the frames the server wrote.
+read back the HTTP response and the frames the server wrote. :class:`RawClient`,
+:func:`rawConnect` and :func:`rawExchange` send bytes by hand over real TCP.
 """
 
 from __future__ import annotations
 
+import functools
+import socket
 import struct
 import zlib
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
+from twisted.internet import defer, endpoints
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+from wschat.bench import frames
+from wschat.bench.frames import OP_CLOSE, OP_TEXT, openingHandshake, parseFrames
 
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
+#: The mask key of the frames tests send: not zero, so the server's unmasking is exercised.
+MASK = b"\x37\xfa\x21\x3d"
 
 
 def handshake(*extraHeaders: str, host: str = "127.0.0.1:2000") -> bytes:
     """A valid client opening handshake, with any extra header lines."""
-    lines = [
-        "GET / HTTP/1.1",
-        f"Host: {host}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {KEY.decode()}",
-        "Sec-WebSocket-Version: 13",
-        *extraHeaders,
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+    return openingHandshake(host, "/", extraHeaders)
 
 
-def frame(
-    opcode: int,
-    payload: bytes = b"",
-    *,
-    fin: bool = True,
-    rsv: int = 0,
-    mask: bytes | None = b"\x37\xfa\x21\x3d",
-) -> bytes:
-    """One frame as a client sends it: masked, unless ``mask`` is None."""
-    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
-    length = len(payload)
-    maskBit = 0x80 if mask is not None else 0
-    if length <= 125:
-        head += bytes([maskBit | length])
-    elif length <= 0xFFFF:
-        head += bytes([maskBit | 126]) + struct.pack("!H", length)
-    else:
-        head += bytes([maskBit | 127]) + struct.pack("!Q", length)
-    if mask is None:
-        return head + payload
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return head + mask + masked
+#: One frame as a client sends it: masked with :data:`MASK` unless ``mask=`` says otherwise
+#: (``frame(opcode, payload, fin=, rsv=, mask=)``, see :func:`wschat.bench.frames.frame`).
+frame = functools.partial(frames.frame, mask=MASK)
 
 
 def deflate(data: bytes) -> bytes:
@@ -78,27 +60,6 @@ def deflateBomb(size: int) -> bytes:
     data = b"".join(out)
     assert data.endswith(b"\x00\x00\xff\xff")
     return data[:-4]
-
-
-def parseFrames(data: bytes) -> list[tuple[int, bytes]]:
-    """The (opcode, payload) of every complete unmasked frame in ``data``."""
-    frames = []
-    i = 0
-    while i + 2 <= len(data):
-        opcode = data[i] & 0x0F
-        length = data[i + 1] & 0x7F
-        i += 2
-        if length == 126:
-            (length,) = struct.unpack("!H", data[i : i + 2])
-            i += 2
-        elif length == 127:
-            (length,) = struct.unpack("!Q", data[i : i + 8])
-            i += 8
-        if i + length > len(data):
-            break
-        frames.append((opcode, data[i : i + length]))
-        i += length
-    return frames
 
 
 class Transport(StringTransport):
@@ -173,3 +134,75 @@ class RawPeer:
     def lose(self) -> None:
         """The TCP connection ends, as the reactor would report it."""
         self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+class RawClient(Protocol):
+    """
+    A TCP client that writes bytes by hand (what no well-behaved client would send) and keeps
+    everything it receives; ``lost`` fires with all of it when the connection closes, and
+    ``until(condition)`` once what it has received so far meets ``condition``.
+
+    With ``read=False`` it never reads: the smallest receive window, and reading paused.
+    """
+
+    def __init__(self, data: bytes = b"", read: bool = True) -> None:
+        self.data = data
+        self.read = read
+        self.received = b""
+        self.lost: defer.Deferred[bytes] = defer.Deferred()
+        self._waiting: list[tuple[Callable[[bytes], bool], defer.Deferred[bytes]]] = []
+
+    def until(self, condition: Callable[[bytes], bool]) -> defer.Deferred[bytes]:
+        """Fires with all received so far once ``condition`` holds; fails if it closes first."""
+        d: defer.Deferred[bytes] = defer.Deferred()
+        self._waiting.append((condition, d))
+        self._check()
+        return d
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        if not self.read:
+            self.transport.getHandle().setsockopt(  # type: ignore[attr-defined]
+                socket.SOL_SOCKET, socket.SO_RCVBUF, 1
+            )
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        if self.data:
+            self.transport.write(self.data)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        self._check()
+
+    def _check(self) -> None:
+        # Fire the waits whose condition now holds; a callback may add new ones.
+        waiting, self._waiting = self._waiting, []
+        for condition, d in waiting:
+            if condition(self.received):
+                d.callback(self.received)
+            else:
+                self._waiting.append((condition, d))
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        waiting, self._waiting = self._waiting, []
+        for _, d in waiting:
+            d.errback(ConnectionError(f"connection closed first; received {self.received!r}"))
+        self.lost.callback(self.received)
+
+
+async def rawConnect(url: str, client: RawClient) -> RawClient:
+    """Connect ``client`` over TCP to the host and port of ``url`` (``ws://host:port/...``)."""
+    from twisted.internet import reactor
+
+    parts = urlsplit(url)
+    host, port = parts.hostname, parts.port
+    assert host is not None and port is not None, f"{url!r} has no host:port"
+    endpointClass = endpoints.TCP6ClientEndpoint if ":" in host else endpoints.TCP4ClientEndpoint
+    endpoint = endpointClass(reactor, host, port)
+    await endpoints.connectProtocol(endpoint, client)
+    return client
+
+
+async def rawExchange(url: str, data: bytes) -> bytes:
+    """Send ``data`` by hand; everything the daemon sent back until it closed."""
+    client = await rawConnect(url, RawClient(data))
+    return await client.lost

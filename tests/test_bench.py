@@ -6,7 +6,8 @@ import pytest
 from twisted.python import usage
 
 from wschat.bench import frames, stats
-from wschat.bench.cli import Options, assignServers, parseServer, plans
+from wschat.bench.options import Options, parseServer
+from wschat.bench.run import assignServers, plans
 
 MARK = frames.marker(0xBEEF)
 

@@ -7,10 +7,10 @@ import os
 import sys
 
 import pytest_twisted
+from redisserver import RedisServer, waitFor
 from twisted.internet import utils
 
 from wschat.redisbus import RedisBus
-from wschat.testing_redis import RedisServer, waitFor
 
 
 async def bench(*args: str) -> dict:

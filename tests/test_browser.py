@@ -12,11 +12,11 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+from browser import ClientProcess, DaemonProcess, launchChromium
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 from rawws import handshake
-
-from wschat.livetesting import ClientProcess, DaemonProcess, launchChromium
+from tlsfiles import makeTLSFiles
 
 WELCOME = "Welcome to chat! Type a message"
 XSS = "<img src=x onerror=alert(1)>"
@@ -220,3 +220,28 @@ def test_page_shows_presence_summary(browser, liveDaemon):
         assert any('"type":"presence"' in frame for frame in tab.frames)
     finally:
         tab.close()
+
+
+def test_page_over_https_chats_with_cli_over_wss(browser, tmp_path):
+    """
+    The page loaded over https:// (Chromium offers ALPN) joins the room over wss://, and chats
+    both ways with the CLI client connected over wss:// with the test's CA.
+    """
+    files = makeTLSFiles(tmp_path)
+    with DaemonProcess(["--listen", files.listen()], cwd=tmp_path) as daemon:
+        tab = Tab(browser, f"https://127.0.0.1:{daemon.port}/", ignore_https_errors=True)
+        url = f"wss://localhost:{daemon.port}/"
+        cli = ClientProcess(url, cwd=tmp_path, args=["--ca-file", str(files.ca)])
+        try:
+            assert cli.output.next() == WELCOME
+            expect(tab.online).to_have_text("2 online")
+            tab.say("hello over https")
+            assert cli.output.next() == f"{tab.address}: hello over https"
+            cli.send("hello over wss")
+            cliAddress = cli.output.next().split(": ", 1)[0]
+            expect(tab.lastMessage().locator(".from")).to_have_text(cliAddress)
+            expect(tab.lastMessage().locator(".bubble")).to_have_text("hello over wss")
+            assert cli.close() == 0
+        finally:
+            cli.kill()
+            tab.close()

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
-from rawws import handshake
+from rawws import RawClient, handshake
 from twisted.internet import defer, protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from wschat.closing import MAX_REASON_BYTES, closeAll, closeWith
 from wschat.server import ChatServer
-from wschat.testing import RawClient, memoryConnection
+from wschat.testing import memoryConnection
 
 
 class RecordingClient(WebSocketClientProtocol):

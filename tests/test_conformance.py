@@ -18,10 +18,11 @@ from collections import Counter
 
 import pytest
 import pytest_twisted
-from rawws import OP_TEXT, frame, handshake
+from childprocess import listeningPort, spawnTwistd
+from rawws import frame, handshake, rawExchange
 from twisted.internet import reactor, utils
 
-from wschat.testing import listeningPort, rawExchange, spawnTwistd
+from wschat.bench.frames import OP_TEXT
 
 #: The suite's 9.x cases send messages up to 16 MiB, some in 64-byte fragments, as fast as
 #: they can: far past the 64 KiB default limit, the 1024 frames a message may come in, and each

@@ -6,11 +6,13 @@ write side's flow control.
 
 from __future__ import annotations
 
-from rawws import OP_CONT, OP_PING, OP_PONG, OP_TEXT, frame
-from test_hostile import ClockedTestCase, RawPeer
+from rawws import RawPeer, frame
+from test_hostile import ClockedTestCase
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from wschat.bench.frames import OP_CONTINUATION as OP_CONT
+from wschat.bench.frames import OP_PING, OP_PONG, OP_TEXT
 from wschat.limits import InboundBudget, Limits
 
 

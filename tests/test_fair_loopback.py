@@ -5,10 +5,12 @@ from __future__ import annotations
 import struct
 
 import pytest_twisted
-from rawws import OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, frame, handshake, parseFrames
+from rawws import RawClient, frame, handshake, rawConnect
 from test_hostile_loopback import spyOnOpens
 
-from wschat.testing import RawClient, closeAll, connect, rawConnect
+from wschat.bench.frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, parseFrames
+from wschat.bench.frames import OP_CONTINUATION as OP_CONT
+from wschat.testing import closeAll, connect
 
 
 def closeCode(received: bytes) -> int | None:

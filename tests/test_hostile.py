@@ -10,22 +10,13 @@ import tracemalloc
 from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
-from rawws import (
-    OP_BINARY,
-    OP_CONT,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    RawPeer,
-    deflate,
-    deflateBomb,
-    frame,
-    handshake,
-)
+from rawws import RawPeer, deflate, deflateBomb, frame, handshake
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from txaio.testutil import replace_loop
 
+from wschat.bench.frames import OP_BINARY, OP_PING, OP_PONG, OP_TEXT
+from wschat.bench.frames import OP_CONTINUATION as OP_CONT
 from wschat.limits import Limits
 from wschat.protocol import ChatServerFactory
 from wschat.server import ChatServer

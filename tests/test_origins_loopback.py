@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from rawws import OP_CLOSE, OP_TEXT, frame, handshake
+from rawws import RawClient, frame, handshake, rawConnect
 
-from wschat.testing import RawClient, connect, rawConnect
+from wschat.bench.frames import OP_CLOSE, OP_TEXT
+from wschat.testing import connect
 
 
 async def handshakeStatus(url: str, **headers: str) -> bytes:

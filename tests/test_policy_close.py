@@ -5,11 +5,12 @@ from __future__ import annotations
 import struct
 
 from autobahn.websocket.protocol import WebSocketProtocol
-from rawws import OP_CLOSE, RawPeer, frame
+from rawws import RawPeer, frame
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from txaio.testutil import replace_loop
 
+from wschat.bench.frames import OP_CLOSE
 from wschat.closing import closeWith
 from wschat.server import ChatServer
 from wschat.wire import Format

@@ -9,13 +9,14 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rawws import OP_TEXT, RawPeer, frame, handshake
+from rawws import RawPeer, frame, handshake
 from twisted.internet import defer, reactor, task
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from txaio.testutil import replace_loop
 from zope.interface import provider
 
+from wschat.bench.frames import OP_TEXT
 from wschat.limits import Limits
 from wschat.server import ChatServer
 from wschat.testing import connect, startDaemon

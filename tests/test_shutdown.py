@@ -7,13 +7,14 @@ import time
 
 import pytest
 import pytest_twisted
-from rawws import OP_CLOSE, handshake
+from childprocess import listeningPort, spawnTwistd
+from rawws import RawClient, handshake, rawConnect
 from twisted.internet import defer, error, reactor
 from twisted.internet.task import Clock
 
-from wschat.bench.frames import serverFrame
+from wschat.bench.frames import OP_CLOSE, serverFrame
 from wschat.client import ChatClientFactory, ChatSession
-from wschat.testing import RawClient, connect, listeningPort, rawConnect, spawnTwistd
+from wschat.testing import connect
 
 GOING_AWAY = (1001, "server shutting down")
 

@@ -7,6 +7,7 @@ from importlib.resources import files
 
 import pytest
 import pytest_twisted
+from tlsfiles import makeTLSFiles
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Protocol
 from twisted.python import usage
@@ -16,7 +17,7 @@ from twisted.web.server import Site
 
 from wschat.server import ChatServer
 from wschat.tap import Options
-from wschat.testing import connect, makeTLSFiles
+from wschat.testing import connect
 from wschat.web import CONTENT_SECURITY_POLICY, HealthResource
 
 # Twisted's readBody warns about the proxy transport its own Agent hands it.

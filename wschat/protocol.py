@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from wschat import fastwrite, lean
+from wschat import lean
 from wschat.closing import (
     GOING_AWAY,
     POLICY_VIOLATION,
@@ -30,6 +30,7 @@ from wschat.closing import (
 )
 from wschat.handshake import forwardedClient, senderAddress
 from wschat.limits import InboundBudget, Limits, TokenBucket, hostKey
+from wschat.logtext import escapeLogText
 from wschat.metrics import REFUSED_BINARY, REFUSED_RATE_LIMIT, REFUSED_RELAY
 from wschat.wire import (
     JSON_SUBPROTOCOL,
@@ -59,8 +60,7 @@ MAX_EMPTY_FRAMES = 8
 
 
 @implementer(IPushProducer)
-# (mypy compares Autobahn's own base classes once there are two bases: not ours to fix.)
-class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # type: ignore[misc]
+class ChatServerProtocol(WebSocketServerProtocol):
     """
     One client connection: hands what it receives to the room, and delivers the room's frames.
 
@@ -80,6 +80,8 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
     _paused = False
     _unsent = 0
     _maxQueue = Limits().maxQueue
+    # No extension (compression) negotiated: a prepared frame's bytes are what goes on the wire.
+    _plainFrames = False
     # Per-connection message rate limit, when there is one.
     _bucket: TokenBucket | None = None
     # What this connection counts as in the per-address limit, once counted.
@@ -158,7 +160,6 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         super().connectionLost(reason)
         # A message cut off by the close: its fragments go now, not with the protocol.
         self.message_data = []
-        self.forgetWriter()
         # The dead transport still holds what it could not send (up to --max-queue and its
         # own 64 KiB). Autobahn's is_closed Deferred keeps this protocol in a reference
         # cycle that only a full garbage collection frees, so let go of the transport now.
@@ -201,6 +202,7 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         self._hostKey = key
 
     def onOpen(self) -> None:
+        self._plainFrames = not self.websocket_extensions_in_use
         server = self.factory.chatServer
         server.room.join(self, self.format)
         server.metrics.connectionOpened()
@@ -384,7 +386,8 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
                 "Connection from {peer} closed: code {code} {reason}",
                 peer=self.address,
                 code=code,
-                reason=reason or "",
+                # The client chose it: escaped, as all client text in the log.
+                reason=escapeLogText(reason or ""),
                 wasClean=wasClean,
             )
 
@@ -395,13 +398,14 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
             # The hot path: one attribute test while the client keeps up.
             if self._paused and self._overQueue(len(frame.payloadHybi)):
                 return
-            w = self._writer
-            if w:
-                # The fast path, inlined: this line runs for every client on every message.
-                w.write(frame.payloadHybi)
+            if self._plainFrames:
+                # This line runs for every client on every message. Autobahn would write the
+                # same bytes (its sendData), and queues nothing of its own in front of them:
+                # wschat never asks it for a chopped or sync send.
+                self.transport.write(frame.payloadHybi)  # type: ignore[union-attr]
                 return
             try:
-                self.sendPreparedFast(frame)
+                self.sendPreparedMessage(frame)
             except Disconnected:
                 pass
 
@@ -449,9 +453,19 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
                 "From client {peer}: <{size} bytes binary>", peer=self.address, size=len(payload)
             )
         else:
+            # Escaped: one message, one log line, no terminal control codes from clients.
             self._log.info(
-                "From client {peer}: {text}", peer=self.address, text=payload.decode("utf-8")
+                "From client {peer}: {text}",
+                peer=self.address,
+                text=escapeLogText(payload.decode("utf-8")),
             )
+
+    def failHandshake(
+        self, reason: str, code: int = 400, responseHeaders: list[tuple[str, str]] | None = None
+    ) -> None:
+        # Autobahn logs the reason and answers it as the HTTP status text; reasons quote what
+        # the client sent (its Origin, method, request line): escaped, for both.
+        super().failHandshake(escapeLogText(reason), code, responseHeaders)
 
 
 class ChatServerFactory(WebSocketServerFactory):
@@ -461,6 +475,7 @@ class ChatServerFactory(WebSocketServerFactory):
     """
 
     protocol = ChatServerProtocol  # type: ignore[assignment]
+    noisy = False  # no "Starting factory" line at start
 
     def __init__(self, chatServer: ChatServer, **kwargs: Any) -> None:
         kwargs.setdefault("server", "wschat")

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+from wschat.wire import hostPort
+
 DEFAULT_CHANNEL = "wschat"
 DEFAULT_REDIS_PORT = 6379
 
@@ -24,9 +26,8 @@ class RedisAddress:
 
     def __str__(self) -> str:
         # For log lines: never the password.
-        host = f"[{self.host}]" if ":" in self.host else self.host
         user = f"{self.username or ''}:***@" if self.password is not None else ""
-        return f"redis://{user}{host}:{self.port}/{self.db}"
+        return f"redis://{user}{hostPort(self.host, self.port)}/{self.db}"
 
 
 def parseRedisURL(url: str) -> RedisAddress:

@@ -53,14 +53,17 @@ class Message:
     isBinary: bool = False
 
 
+def hostPort(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets: ``[::1]:2000``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def formatAddress(address: IAddress) -> str:
     """
     Name a peer the way the prefix shows it: ``ip:port``, ``[ipv6]:port`` or ``unix``.
     """
-    if isinstance(address, IPv6Address):
-        return f"[{address.host}]:{address.port}"
-    if isinstance(address, IPv4Address):
-        return f"{address.host}:{address.port}"
+    if isinstance(address, IPv4Address | IPv6Address):
+        return hostPort(address.host, address.port)
     return "unix"
 
 

@@ -1,5 +1,9 @@
 """
-The load tool's wire format: the payload it sends, the frames it writes, and a minimal reader.
+The load tool's wire format: the payload it sends, the frames it writes, and its reader.
+
+:func:`frame`, :func:`parseFrames` and :func:`openingHandshake` are the package's one RFC 6455
+framer, written by hand: the load tool sends with them, and the tests build with them what no
+well-behaved client would send.
 
 A bench payload is ASCII text, so a server may relay it as a text message and prefix it::
 
@@ -14,8 +18,10 @@ against servers that relay payloads unchanged and against servers that prefix th
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+from wschat.wire import hostPort
 
 SENDER_DIGITS = 6
 SEQ_DIGITS = 10
@@ -50,33 +56,77 @@ def payload(mark: bytes, sender: int, seq: int, sentMicros: int, size: int) -> b
     return head + b"x" * (size - len(head))
 
 
-def clientFrame(data: bytes, opcode: int = OP_TEXT) -> bytes:
-    """
-    A final client-to-server frame carrying ``data``.
+#: The zero mask key: RFC 6455 allows it on the wire and every server accepts it, and masking
+#: with it is the identity, so the load tool's frames cost nothing to mask.
+ZERO_MASK = b"\0\0\0\0"
 
-    Clients must mask; the mask key is zero, which RFC 6455 allows on the wire and every
-    server accepts, so masking is the identity and costs nothing.
+
+def frame(
+    opcode: int,
+    payload: bytes = b"",
+    *,
+    fin: bool = True,
+    rsv: int = 0,
+    mask: bytes | None = None,
+) -> bytes:
     """
-    n = len(data)
-    b0 = 0x80 | opcode
+    One frame carrying ``payload``: masked with the 4-byte key ``mask`` (a client's frame), or
+    unmasked when ``mask`` is None (a server's). ``rsv`` sets the three reserved bits.
+    """
+    n = len(payload)
+    b0 = (0x80 if fin else 0) | (rsv << 4) | opcode
+    maskBit = 0 if mask is None else 0x80
     if n < 126:
-        head = struct.pack("!BB", b0, 0x80 | n)
+        head = struct.pack("!BB", b0, maskBit | n)
     elif n <= 0xFFFF:
-        head = struct.pack("!BBH", b0, 0x80 | 126, n)
+        head = struct.pack("!BBH", b0, maskBit | 126, n)
     else:
-        head = struct.pack("!BBQ", b0, 0x80 | 127, n)
-    return head + b"\0\0\0\0" + data
+        head = struct.pack("!BBQ", b0, maskBit | 127, n)
+    if mask is None:
+        return head + payload
+    if mask == ZERO_MASK:
+        return head + mask + payload
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def clientFrame(data: bytes, opcode: int = OP_TEXT) -> bytes:
+    """A final client-to-server frame carrying ``data``, masked with :data:`ZERO_MASK`."""
+    return frame(opcode, data, mask=ZERO_MASK)
 
 
 def serverFrame(data: bytes, opcode: int = OP_TEXT) -> bytes:
-    """An unmasked server-to-client frame (for tests and the fake servers in them)."""
-    n = len(data)
-    b0 = 0x80 | opcode
-    if n < 126:
-        return struct.pack("!BB", b0, n) + data
-    if n <= 0xFFFF:
-        return struct.pack("!BBH", b0, 126, n) + data
-    return struct.pack("!BBQ", b0, 127, n) + data
+    """An unmasked final server-to-client frame (for tests and the fake servers in them)."""
+    return frame(opcode, data)
+
+
+def parseFrames(data: bytes) -> list[tuple[int, bytes]]:
+    """
+    The ``(opcode, payload)`` of every complete frame in ``data``, unmasked; a partial frame
+    at the end is left out. (:class:`FrameReader` is the load tool's own, faster, reader.)
+    """
+    frames = []
+    i = 0
+    while i + 2 <= len(data):
+        opcode = data[i] & 0x0F
+        masked = data[i + 1] & 0x80
+        length = data[i + 1] & 0x7F
+        i += 2
+        if length == 126:
+            (length,) = struct.unpack("!H", data[i : i + 2])
+            i += 2
+        elif length == 127:
+            (length,) = struct.unpack("!Q", data[i : i + 8])
+            i += 8
+        key = data[i : i + 4] if masked else None
+        i += 4 if masked else 0
+        if i + length > len(data):
+            break
+        body = data[i : i + length]
+        if key is not None:
+            body = bytes(b ^ key[n % 4] for n, b in enumerate(body))
+        frames.append((opcode, body))
+        i += length
+    return frames
 
 
 @dataclass(slots=True)
@@ -213,18 +263,27 @@ class MarkerCounter:
         self._tail = buf[-self._keep :]
 
 
+#: The client's ``Sec-WebSocket-Key``: a fixed one is fine, the server only hashes it.
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+def openingHandshake(hostHeader: str, path: str = "/", extraHeaders: Sequence[str] = ()) -> bytes:
+    """A client's opening handshake for ``path`` with this ``Host`` and any extra header lines."""
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: {hostHeader}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {KEY}",
+        "Sec-WebSocket-Version: 13",
+        *extraHeaders,
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
 def handshakeRequest(host: str, port: int, path: str) -> bytes:
-    """The opening handshake: a fixed key is fine, the server only hashes it."""
-    hostHeader = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return (
-        f"GET {path} HTTP/1.1\r\n"
-        f"Host: {hostHeader}\r\n"
-        "Upgrade: websocket\r\n"
-        "Connection: Upgrade\r\n"
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        "Sec-WebSocket-Version: 13\r\n"
-        "\r\n"
-    ).encode("ascii")
+    """The opening handshake the load tool sends to ``host``:``port``."""
+    return openingHandshake(hostPort(host, port), path)
 
 
 class HandshakeError(Exception):

@@ -4,6 +4,7 @@ Latency histograms that merge across processes, and the run's summary figures.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
@@ -69,6 +70,14 @@ def latencySummary(hist: Mapping[int, int]) -> dict[str, float | None]:
     return summary
 
 
+def usableCores() -> int:
+    """How many cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def cpuShare(cpuSeconds: float, wallSeconds: float) -> float:
     """CPU time over wall time, as a fraction of one core."""
     return cpuSeconds / wallSeconds if wallSeconds > 0 else 0.0
@@ -76,8 +85,6 @@ def cpuShare(cpuSeconds: float, wallSeconds: float) -> float:
 
 def processCpuSeconds(pid: int) -> float | None:
     """User plus system CPU seconds of process ``pid`` so far (Linux /proc), or None."""
-    import os
-
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()

@@ -7,17 +7,14 @@ when it answers a connection; :func:`waitFor` waits for a condition on reactor t
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
 
-from twisted.internet import defer, protocol, reactor, task
+from childprocess import ProcessWatcher, freePort, spawn
+from rawws import RawClient, rawConnect
+from twisted.internet import reactor, task
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IProcessTransport
-from twisted.python.failure import Failure
-
-from wschat.testing import RawClient, freePort, rawConnect
 
 
 async def waitFor(
@@ -34,20 +31,6 @@ async def waitFor(
         await task.deferLater(reactor, interval, lambda: None)
 
 
-class _Output(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = bytearray()
-        self.ended: defer.Deferred[None] = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(None)
-
-
 class RedisServer:
     """
     One ``redis-server`` on 127.0.0.1: ``await server.start()``, ``await server.stop()``;
@@ -62,8 +45,7 @@ class RedisServer:
         self.port = port if port is not None else freePort()
         self.password = password
         self.executable = executable
-        self._process: _Output | None = None
-        self._transport: IProcessTransport | None = None
+        self._process: ProcessWatcher | None = None
         self._dir: str | None = None
 
     @property
@@ -83,13 +65,12 @@ class RedisServer:
         args += ["--save", "", "--appendonly", "no", "--dir", self._dir, "--daemonize", "no"]
         if self.password is not None:
             args += ["--requirepass", self.password]
-        output = _Output()
+        output = spawn(args)
         self._process = output
-        self._transport = reactor.spawnProcess(output, binary, args, env=dict(os.environ))
         deadline = reactor.seconds() + timeout
         while True:
             if output.ended.called:
-                raise RuntimeError(f"redis-server exited at start: {bytes(output.output)!r}")
+                raise RuntimeError(f"redis-server exited at start: {output.output!r}")
             try:
                 # The first reply line: +PONG, or -NOAUTH when a password is set.
                 ping = await rawConnect(f"redis://127.0.0.1:{self.port}", RawClient(b"PING\r\n"))
@@ -111,8 +92,7 @@ class RedisServer:
         process, self._process = self._process, None
         if process is None or process.ended.called:
             return
-        assert self._transport is not None
-        self._transport.signalProcess("TERM")
+        process.signal("TERM")
         await process.ended
 
     def cleanup(self) -> None:
