@@ -79,7 +79,7 @@ class InboundBudgetTests(SynchronousTestCase):
                 limits.inboundHold,
                 limits.maxMessageFrames,
             ),
-            (100.0, 256 << 10, 2.0, 60.0, 1024),
+            (250.0, 256 << 10, 2.0, 60.0, 1024),
         )
 
 

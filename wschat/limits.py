@@ -52,7 +52,7 @@ class Limits:
     #: Open connections from one IP address, or IPv6 /64 (0: unlimited); past it, HTTP 429.
     maxConnectionsPerIp: int = 0
     #: Frames (data and control) per second each connection is read at, on average (0: any).
-    inboundRate: float = 100.0
+    inboundRate: float = 250.0
     #: Payload bytes per second each connection is read at, on average (0: any).
     inboundBytes: int = 256 * KiB
     #: Seconds of ``inboundRate`` and ``inboundBytes`` a connection may send at once.
