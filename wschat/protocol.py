@@ -325,7 +325,8 @@ class ChatServerProtocol(WebSocketServerProtocol):
         if budget is None:
             return
         wait = budget.spend(frames, size)
-        if not wait or self._readHeld or self._refusing:
+        # Closing, it is read on only for the peer's close frame (or not at all, refused).
+        if not wait or self._readHeld or self.state != _OPEN:
             return
         server = self.factory.chatServer
         hold = server.limits.inboundHold
@@ -349,7 +350,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
     def _resumeReading(self) -> None:
         self._resumeCall = None
         self._readHeld = False
-        if self.transport is None or self._refusing:
+        if self.transport is None or self._refusing or self.state == WebSocketProtocol.STATE_CLOSED:
             return
         self.transport.resumeProducing()  # type: ignore[attr-defined]
         if self._unread:
