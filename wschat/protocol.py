@@ -31,6 +31,7 @@ from wschat.closing import (
 from wschat.handshake import forwardedClient, senderAddress
 from wschat.history import BadQuery, Position, parseQuery
 from wschat.limits import Limits, TokenBucket, hostKey
+from wschat.logtext import escapeLogText
 from wschat.metrics import REFUSED_BINARY, REFUSED_COMMAND, REFUSED_RATE_LIMIT, REFUSED_RELAY
 from wschat.wire import (
     JSON_SUBPROTOCOL,
@@ -270,7 +271,8 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
                 "Connection from {peer} closed: code {code} {reason}",
                 peer=self.address,
                 code=code,
-                reason=reason or "",
+                # The client chose it: escaped, as all client text in the log.
+                reason=escapeLogText(reason or ""),
                 wasClean=wasClean,
             )
 
@@ -374,9 +376,19 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
                 "From client {peer}: <{size} bytes binary>", peer=self.address, size=len(payload)
             )
         else:
+            # Escaped: one message, one log line, no terminal control codes from clients.
             self._log.info(
-                "From client {peer}: {text}", peer=self.address, text=payload.decode("utf-8")
+                "From client {peer}: {text}",
+                peer=self.address,
+                text=escapeLogText(payload.decode("utf-8")),
             )
+
+    def failHandshake(
+        self, reason: str, code: int = 400, responseHeaders: list[tuple[str, str]] | None = None
+    ) -> None:
+        # Autobahn logs the reason and answers it as the HTTP status text; reasons quote what
+        # the client sent (its Origin, method, request line): escaped, for both.
+        super().failHandshake(escapeLogText(reason), code, responseHeaders)
 
 
 class ChatServerFactory(WebSocketServerFactory):
