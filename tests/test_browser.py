@@ -7,6 +7,7 @@ The daemon and the command-line client run as child processes (``twistd -n wscha
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 
@@ -14,6 +15,9 @@ import pytest
 from browser import ClientProcess, DaemonProcess, launchChromium
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
+from tlsfiles import makeTLSFiles
+
+from wschat.bench.frames import serverFrame
 
 WELCOME = "Welcome to chat! Type a message"
 XSS = "<img src=x onerror=alert(1)>"
@@ -85,6 +89,20 @@ def metrics(daemon: DaemonProcess) -> dict[tuple[str, tuple], float]:
     return found
 
 
+def historyBytes(tab: Tab, lines: list[str]) -> int:
+    """
+    What the history window holds for the messages ``tab`` saw (and the CLI printed as
+    ``lines``): each text, its plain frame and its JSON frame (payload and framed copy).
+    """
+    messages = [f for f in tab.frames if json.loads(f)["type"] == "message"]
+    total = 0
+    for frame, line in zip(messages, lines, strict=True):
+        total += len(json.loads(frame)["text"].encode())
+        for payload in (line.encode(), frame.encode()):
+            total += len(payload) + len(serverFrame(payload))
+    return total
+
+
 def test_two_pages_and_cli_client_chat(browser, liveDaemon, tmp_path):
     """Two pages and the CLI client share the room both ways; markup shows as text; counted."""
     a = Tab(browser, liveDaemon.httpURL)
@@ -144,6 +162,9 @@ def test_two_pages_and_cli_client_chat(browser, liveDaemon, tmp_path):
             ("wschat_frames_delivered_total", ()): 15,
             ("wschat_sent_bytes_total", ()): expectedBytes,
             ("wschat_clients_dropped_total", ()): 0,
+            ("wschat_history_messages", ()): 3,
+            ("wschat_history_bytes", ()): historyBytes(a, cli.output.seen[1:]),
+            ("wschat_messages_deduplicated_total", ()): 0,
         }
 
         # The terminal leaves (end of input: close 1000); the pages hear it.
@@ -164,6 +185,9 @@ def test_two_pages_and_cli_client_chat(browser, liveDaemon, tmp_path):
             ("wschat_frames_delivered_total", ()): 17,
             ("wschat_sent_bytes_total", ()): expectedBytes,
             ("wschat_clients_dropped_total", ()): 0,
+            ("wschat_history_messages", ()): 3,
+            ("wschat_history_bytes", ()): historyBytes(a, cli.output.seen[1:]),
+            ("wschat_messages_deduplicated_total", ()): 0,
         }
     finally:
         cli.kill()
@@ -197,3 +221,28 @@ def test_page_reconnects_after_daemon_restart(browser, liveDaemon):
         assert found[("wschat_messages_broadcast_total", ())] == 1
     finally:
         tab.close()
+
+
+def test_page_over_https_chats_with_cli_over_wss(browser, tmp_path):
+    """
+    The page loaded over https:// (Chromium offers ALPN) joins the room over wss://, and chats
+    both ways with the CLI client connected over wss:// with the test's CA.
+    """
+    files = makeTLSFiles(tmp_path)
+    with DaemonProcess(["--listen", files.listen()], cwd=tmp_path) as daemon:
+        tab = Tab(browser, f"https://127.0.0.1:{daemon.port}/", ignore_https_errors=True)
+        url = f"wss://localhost:{daemon.port}/"
+        cli = ClientProcess(url, cwd=tmp_path, args=["--ca-file", str(files.ca)])
+        try:
+            assert cli.output.next() == WELCOME
+            expect(tab.online).to_have_text("2 online")
+            tab.say("hello over https")
+            assert cli.output.next() == f"{tab.address}: hello over https"
+            cli.send("hello over wss")
+            cliAddress = cli.output.next().split(": ", 1)[0]
+            expect(tab.lastMessage().locator(".from")).to_have_text(cliAddress)
+            expect(tab.lastMessage().locator(".bubble")).to_have_text("hello over wss")
+            assert cli.close() == 0
+        finally:
+            cli.kill()
+            tab.close()
