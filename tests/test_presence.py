@@ -14,7 +14,7 @@ from wschat.envelope import (
     decodeEnvelope,
     encodeEnvelope,
     encodePresence,
-    envelopeParts,
+    envelopeHead,
 )
 from wschat.history import Position
 from wschat.presence import PresenceView
@@ -24,12 +24,12 @@ from wschat.wire import Message
 
 class PositionedEnvelopeTests(SynchronousTestCase):
     def test_roundTrip(self) -> None:
-        """A message's position and id travel in elements 7 to 9 of the envelope."""
+        """A message's id and position travel in elements 7 to 9 of the envelope."""
         e = Envelope(Message("h:1", b"hi", False, "id-1"), "n", 5.0, Position("00ff", 42))
         self.assertEqual(decodeEnvelope(encodeEnvelope(e)), e)
         self.assertEqual(
             msgpack.unpackb(encodeEnvelope(e)),
-            [1, "n", "h:1", False, 5.0, b"hi", "00ff", 42, "id-1"],
+            [1, "n", "h:1", False, 5.0, b"hi", "id-1", "00ff", 42],
         )
 
     def test_withoutPositionUnchanged(self) -> None:
@@ -37,11 +37,11 @@ class PositionedEnvelopeTests(SynchronousTestCase):
         e = Envelope(Message("h:1", b"hi"), "n", 5.0)
         self.assertEqual(msgpack.unpackb(encodeEnvelope(e)), [1, "n", "h:1", False, 5.0, b"hi"])
 
-    def test_partsCompletedByRedis(self) -> None:
-        """Head + packed epoch + packed seq + tail (what the Lua script builds) is an envelope."""
+    def test_headCompletedByRedis(self) -> None:
+        """Head + packed epoch + packed seq (what the Lua script builds) is an envelope."""
         message = Message("h:1", b"\x00bin", True, None)
-        head, tail = envelopeParts(message, "node", 7.5)
-        data = head + msgpack.packb("abcdef0123456789") + msgpack.packb(2**40) + tail
+        head = envelopeHead(message, "node", 7.5)
+        data = head + msgpack.packb("abcdef0123456789") + msgpack.packb(2**40)
         self.assertEqual(
             decodeEnvelope(data),
             Envelope(message, "node", 7.5, Position("abcdef0123456789", 2**40)),
@@ -51,14 +51,14 @@ class PositionedEnvelopeTests(SynchronousTestCase):
         """A position or id of the wrong shape makes the envelope malformed."""
         base = [1, "n", "h:1", False, 0.0, b"x"]
         for extra in (
-            ["EPOCH", 1, None],
-            ["ab", 0, None],
-            ["ab", True, None],
-            ["ab", None, None],
-            [None, 3, None],
-            ["ab", 1, ""],
-            ["ab", 1, "x" * 65],
-            ["ab", 1, 7],
+            [None, "EPOCH", 1],
+            [None, "ab", 0],
+            [None, "ab", True],
+            [None, "ab", None],
+            [None, None, 3],
+            ["", "ab", 1],
+            ["x" * 65, "ab", 1],
+            [7, "ab", 1],
         ):
             with self.subTest(extra=extra):
                 self.assertRaises(MalformedEnvelope, decodeEnvelope, msgpack.packb(base + extra))

@@ -60,7 +60,7 @@ from wschat.envelope import (
     decodeEnvelope,
     encodeEnvelope,
     encodePresence,
-    envelopeParts,
+    envelopeHead,
 )
 from wschat.history import History, Position, newEpoch
 from wschat.presence import PresenceView
@@ -375,8 +375,8 @@ class RedisBus(service.Service):
             data = encodeEnvelope(Envelope(message, self.node, now))
             size = len(data)
         else:
-            head, tail = envelopeParts(message, self.node, now)
-            size = len(head) + len(tail)
+            head = envelopeHead(message, self.node, now)
+            size = len(head)
         if self.backlog >= self.maxBacklog or self.backlogBytes + size > self.maxBacklogBytes:
             self._backlogIsFull()
             self.refused += 1
@@ -392,7 +392,7 @@ class RedisBus(service.Service):
                 sent = relayScript(
                     publisher,
                     keys,
-                    [newEpoch(), history.maxCount, self._lifetime(), self.channel, head, tail],
+                    [newEpoch(), history.maxCount, self._lifetime(), self.channel, head],
                 ).addCallback(self._numbered, message)
         except txredisapi.ConnectionError:
             self._refuse(origin, REFUSED_DOWN)

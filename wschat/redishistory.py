@@ -39,7 +39,7 @@ from wschat.history import Position
 # Number, store and publish one message, exactly once per client-chosen id.
 # KEYS: position, history, and the id's key (absent: no id).
 # ARGV: a new epoch (used if the room has none), MAXLEN, lifetime of the stream and the id
-#       (ms), channel, envelope head, envelope tail.
+#       (ms), channel, the envelope without its position (array header for 9 elements).
 # Returns {1, epoch, seq, receivers} when relayed, {0, epoch, seq} for an id already relayed.
 RELAY = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
@@ -59,7 +59,7 @@ if KEYS[3] then
 end
 local seq = (tonumber(redis.call('HGET', KEYS[1], 'seq')) or 0) + 1
 local position = string.format('%d', seq)
-local envelope = ARGV[5] .. cmsgpack.pack(epoch) .. cmsgpack.pack(seq) .. ARGV[6]
+local envelope = ARGV[5] .. cmsgpack.pack(epoch) .. cmsgpack.pack(seq)
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], position .. '-1', 'e', envelope)
 redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
