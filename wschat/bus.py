@@ -17,7 +17,9 @@ A protocol hands every message it accepts to the server's ``bus.publish(message,
 Positions (history on): a bus either lets the room number messages (``room.broadcast(message,
 when)``, as :class:`LocalBus` does) or assigns each message's position itself and hands it in
 (``room.broadcast(message, when, position)``), so that every daemon of a room gives the same
-message the same position. Exactly-once sending is the bus's job too: before relaying a
+message the same position; such a bus may also keep the room's history where every daemon
+reads it (``backfill``), for clients recovering through a daemon whose window lacks it.
+Exactly-once sending is the bus's job too: before relaying a
 message with an ``id``, it checks that id against the window (atomically with assigning the
 position, for a shared bus) and calls ``origin.duplicate(id, position)`` instead of relaying.
 """
@@ -25,6 +27,8 @@ position, for a shared bus) and calls ``origin.duplicate(id, position)`` instead
 from __future__ import annotations
 
 from typing import Protocol
+
+from twisted.internet.defer import Deferred
 
 from wschat.history import Position
 from wschat.room import Room
@@ -59,6 +63,14 @@ class Bus(Protocol):
         Relay ``message`` to the room; tell ``origin`` if that cannot be done.
         """
 
+    def backfill(self, since: Position) -> Deferred[None] | None:
+        """
+        For a client recovering after ``since`` that the room's history cannot serve:
+        bring in what a shared store still holds (messages older than the window, or ones
+        this daemon has not received yet). None when there is nothing to wait for; else
+        fires (never fails) once the history holds what could be brought in.
+        """
+
 
 class LocalBus:
     """The room of this daemon alone: a message goes straight to it."""
@@ -77,3 +89,7 @@ class LocalBus:
                 origin.duplicate(message.id, Position(history.epoch, original.seq))
                 return
         self.room.broadcast(message)
+
+    def backfill(self, since: Position) -> None:
+        # The room's history is all there is.
+        return None

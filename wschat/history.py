@@ -131,25 +131,29 @@ class History:
         """The position the next message gets, for a room that numbers its own messages."""
         return Position(self.epoch, self.head + 1)
 
-    def append(self, position: Position, message: Message, when: float) -> Entry:
+    def append(
+        self, position: Position, message: Message, when: float, arrived: float | None = None
+    ) -> Entry:
         """
         Add ``message``, relayed at ``position`` with time ``when``; drop what falls out.
+        ``arrived`` (now, unless given) is what its age counts from: a message read back
+        from a shared store is as old as it was there.
 
         A position that does not follow the head within this epoch restarts the window there.
         """
         if position.epoch != self.epoch or position.seq != self.head + 1:
             self._restart(position.epoch)
             self.head = position.seq - 1
-        return self.appendNext(message, when)
+        return self.appendNext(message, when, arrived)
 
-    def appendNext(self, message: Message, when: float) -> Entry:
+    def appendNext(self, message: Message, when: float, arrived: float | None = None) -> Entry:
         """
         Add ``message`` at :meth:`nextPosition` (what ``append(nextPosition(), ...)`` does,
         for a room that numbers its own messages, without building the position).
         """
         now = self._clock()
         seq = self.head = self.head + 1
-        entry = Entry(seq, message, when, now)
+        entry = Entry(seq, message, when, now if arrived is None else arrived)
         entries = self._entries
         entries.append(entry)
         self.bytes += entry.size
@@ -160,6 +164,14 @@ class History:
         elif entries[0].arrived < now - self.maxAge:
             self._trim(now)
         return entry
+
+    def restart(self, epoch: str, head: int = 0) -> None:
+        """
+        Empty the window and go on from ``head`` of ``epoch`` (the seq of the last message
+        relayed in it): a shared store says the room's history is there now.
+        """
+        self._restart(epoch)
+        self.head = head
 
     def _restart(self, epoch: str) -> None:
         self._entries.clear()

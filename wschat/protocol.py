@@ -245,6 +245,27 @@ class ChatServerProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         self._plainFrames = not self.websocket_extensions_in_use
         server = self.factory.chatServer
+        since = self._since
+        if since is not None and server.history is not None:
+            # A shared bus may first bring in what this daemon's window lacks: the client is
+            # told whether it recovered, and joins, once that is known.
+            filling = server.bus.backfill(since)
+            if filling is not None:
+                filling.addBoth(self._backfilled)
+                return
+        self._enter()
+
+    def _backfilled(self, _: object) -> None:
+        if self.state != _OPEN:
+            return
+        if self.factory.chatServer.shuttingDown:
+            closeWith(self, GOING_AWAY, "server shutting down")
+            return
+        self._enter()
+
+    def _enter(self) -> None:
+        """Join the room: greeting, replay (if asked for), then live messages."""
+        server = self.factory.chatServer
         room = server.room
         history = room.history
         start: int | None = None

@@ -87,6 +87,10 @@ class _Replay:
         self.next = start
 
 
+def _nobody() -> int:
+    return 0
+
+
 class Room:
     """
     The set of open connections and the fan-out to them.
@@ -128,6 +132,11 @@ class Room:
         self.history = history
         # Members still being sent history, not yet in a group.
         self._replaying: dict[Member, _Replay] = {}
+        #: How many connections the room's other daemons have (a shared bus counts them).
+        self.elsewhere: Callable[[], int] = _nobody
+        #: Told of every join and leave of this daemon's connections (a shared bus tells
+        #: the other daemons).
+        self.presenceWatcher: Callable[[Literal["join", "leave"], str], None] | None = None
 
     def __len__(self) -> int:
         return sum(len(group) for group in self._groups.values()) + len(self._replaying)
@@ -137,6 +146,10 @@ class Room:
 
     def __contains__(self, member: object) -> bool:
         return member in self._replaying or any(member in g for g in self._groups.values())
+
+    def online(self) -> int:
+        """The connections of the room: this daemon's, and those of its other daemons."""
+        return len(self) + self.elsewhere()
 
     def join(self, member: Member, fmt: Format | None = None, start: int | None = None) -> None:
         """
@@ -283,11 +296,19 @@ class Room:
         self.metrics.messageBroadcast(frames, size)
 
     def announce(
-        self, kind: Literal["join", "leave"], who: str, exclude: Member | None = None
+        self,
+        kind: Literal["join", "leave"],
+        who: str,
+        exclude: Member | None = None,
+        *,
+        remote: bool = False,
     ) -> None:
         """
-        Tell the JSON members (all but ``exclude``) that ``who`` joined or left.
+        Tell the JSON members (all but ``exclude``) that ``who`` joined or left: one of this
+        daemon's connections, or (``remote``) one of another daemon of the room.
         """
+        if not remote and self.presenceWatcher is not None:
+            self.presenceWatcher(kind, who)
         group = self._groups.get(Format.JSON)
         if not group:
             return
@@ -306,7 +327,7 @@ class Room:
                     self._summary = clock.callLater(self._windowEnd - now, self._sumUp)
                 return
             self._events += 1
-        payload = jsonPresence(kind, who, len(self), self._now())
+        payload = jsonPresence(kind, who, self.online(), self._now())
         self._sendPresence(payload, exclude)
 
     def _sumUp(self) -> None:
@@ -314,7 +335,7 @@ class Room:
         self._summary = None
         joined, left, self._joined, self._left = self._joined, self._left, 0, 0
         if self._groups.get(Format.JSON):
-            self._sendPresence(jsonPresenceSummary(joined, left, len(self), self._now()))
+            self._sendPresence(jsonPresenceSummary(joined, left, self.online(), self._now()))
 
     def _sendPresence(self, payload: bytes, exclude: Member | None = None) -> None:
         group = self._groups.get(Format.JSON)

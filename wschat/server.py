@@ -249,7 +249,7 @@ class ChatServer(service.MultiService):
             history = self.room.history
             return jsonWelcome(
                 connection.address,
-                len(self.room),
+                self.room.online(),
                 text,
                 self.reactor.seconds(),
                 maxMessageSize=self.limits.maxMessageSize,
