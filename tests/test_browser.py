@@ -418,3 +418,26 @@ def test_page_marks_where_messages_may_have_been_missed(browser, liveDaemon, tmp
         if cli is not None:
             cli.kill()
         tab.close()
+
+
+def test_page_joins_a_daemon_with_history_off(browser, tmp_path):
+    """
+    A daemon with ``--history 0`` refuses the history query (400); the page then joins
+    without it, and what it sends shows as pending, then relayed, as before.
+    """
+    with DaemonProcess(["--history", "0"], cwd=tmp_path) as daemon:
+        tab = Tab(browser, daemon.httpURL)
+        try:
+            assert tab.sockets[0].url == daemon.url + "?history=100"
+            assert tab.sockets[-1].url == daemon.url
+            tab.say("no history here")
+            expect(tab.bubbles()).to_have_text(["no history here"])
+            expect(tab.pending()).to_have_count(0)
+            expect(tab.lastMessage()).to_have_class("msg own")
+            (welcome,) = tab.received("welcome")
+            assert "epoch" not in welcome
+            (copy,) = tab.received("message")
+            assert "seq" not in copy
+            assert copy["id"] == tab.sends("no history here")[0]["id"]
+        finally:
+            tab.close()

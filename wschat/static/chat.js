@@ -49,6 +49,10 @@
   // coming (it may hold a pending message, which is then not sent again).
   let replayUntil = null;
   let epoch = null; // this connection's epoch
+  let asked = null; // the position this connection asked to recover from
+  // Set when a connection made without the query found history on, and the page reconnected
+  // at once with it: done once, lest a daemon refusing the query make it loop.
+  let triedAgain = false;
   let maxMessageSize = null;
 
   function roomURL(withQuery = true) {
@@ -174,7 +178,20 @@
     }
   }
 
-  function welcome(message) {
+  function welcome(message, withQuery) {
+    if (typeof message.epoch === "string" && !withQuery && resume !== null) {
+      if (!triedAgain) {
+        // The daemon keeps history after all, and we have a position: reconnect at once,
+        // asking to recover from it.
+        triedAgain = true;
+        useQuery = true;
+        return "again";
+      }
+      // Joined without recovering: whatever came in between is lost.
+      showMissed();
+      resume = { epoch: message.epoch, seq: typeof message.seq === "number" ? message.seq : 0 };
+    }
+    if (withQuery) triedAgain = false;
     me = message.you;
     document.body.dataset.you = me;
     setOnline(message.online);
@@ -195,10 +212,9 @@
       // epoch's window when the old position could not be recovered).
       resume = { epoch, seq: message.recovered === false ? 0 : seq };
     }
-    const upTo = shown !== null && shown.epoch === epoch ? shown.seq : 0;
     // Only a recovery promises every message up to the welcome's seq; otherwise the replay
     // may end earlier, and the room's own check of ids stops a second copy.
-    if (message.recovered === true && seq > upTo) {
+    if (message.recovered === true && asked !== null && seq > asked.seq) {
       replayUntil = seq;
     } else {
       caughtUp();
@@ -223,21 +239,9 @@
       return; // not ours to show
     }
     if (message === null || typeof message !== "object") return;
-    if (
-      message.type === "welcome" &&
-      typeof message.epoch === "string" &&
-      !withQuery &&
-      resume !== null
-    ) {
-      // The daemon keeps history after all, and we have a position: reconnect at once,
-      // asking to recover from it.
-      useQuery = true;
-      return "again";
-    }
     switch (message.type) {
       case "welcome":
-        welcome(message);
-        break;
+        return welcome(message, withQuery);
       case "message":
         relayed(message);
         break;
@@ -276,6 +280,7 @@
     retryTimer = countdown = null;
     setState("connecting", "connecting…");
     const withQuery = useQuery;
+    asked = withQuery ? resume : null;
     const ws = new WebSocket(roomURL(withQuery), SUBPROTOCOL);
     let opened = false;
     socket = ws;
