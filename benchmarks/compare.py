@@ -3,6 +3,12 @@ Run the same scenarios on wschat and on its peers, alternating, and print the ra
 
     python benchmarks/compare.py                       # everything, two repetitions
     python benchmarks/compare.py --servers wschat,node-ws --repeat 1 --duration 5
+    python benchmarks/compare.py --before ../old/.venv/bin/twistd --servers wschat,wschat-before
+
+``--before TWISTD`` adds the server ``wschat-before``: the same daemon and options as
+``wschat``, run by another checkout's ``twistd`` (its own virtualenv, with that checkout
+installed), to compare two versions of wschat side by side in one run.
+``wschat-no-fast-write`` is ``wschat`` with ``--no-fast-write``.
 
 Each run starts a fresh server pinned to one core (``taskset -c 0``) and runs
 ``python -m wschat.bench`` pinned to another (``taskset -c 1``). Scenarios:
@@ -39,10 +45,10 @@ PY = sys.executable
 TWISTD = findExecutable("twistd")
 
 
-def _wschat(*extra: str) -> Callable[[int, str], list[str]]:
+def _wschat(*extra: str, twistd: str = TWISTD) -> Callable[[int, str], list[str]]:
     def command(port: int, logdir: str) -> list[str]:
         return [
-            TWISTD,
+            twistd,
             "-n",
             "--pidfile=",
             f"--logfile={logdir}/wschat-{port}.log",
@@ -65,18 +71,24 @@ def _script(path: Path, *extra: str) -> Callable[[int, str], list[str]]:
     return lambda port, logdir: [PY, str(path), "--port", str(port), *extra]
 
 
+#: The options of the server ``wschat`` (and ``wschat-before``).
+WSCHAT = ("--format", "raw", "--no-message-log")
+
 SERVERS: dict[str, Callable[[int, str], list[str]]] = {
-    "wschat": _wschat("--format", "raw", "--no-message-log"),
+    "wschat": _wschat(*WSCHAT),
+    "wschat-no-fast-write": _wschat(*WSCHAT, "--no-fast-write"),
     "wschat-prefixed": _wschat("--format", "prefixed", "--no-message-log"),
     "wschat-log": _wschat("--format", "raw"),
     "wschat-quiet": _wschat("--format", "raw", "--no-message-log", "--no-connection-log"),
+    # History off: what keeping the recovery window (on by default) costs.
+    "wschat-nohistory": _wschat("--format", "raw", "--no-message-log", "--history", "0"),
     "websockets": _script(PEERS / "websockets_server.py"),
     "node-ws": lambda port, logdir: ["node", str(PEERS / "node-ws" / "server.js"), str(port)],
     "picows": _script(PEERS / "picows_server.py"),
     "autobahn": _script(PEERS / "autobahn_server.py"),
     "autobahn-prepared": _script(PEERS / "autobahn_server.py", "--prepared"),
 }
-DEFAULT_SERVERS = list(SERVERS)
+DEFAULT_SERVERS = [s for s in SERVERS if s != "wschat-no-fast-write"]
 
 
 def runBench(
@@ -263,8 +275,19 @@ def main() -> None:
     parser.add_argument("--sweep-servers", default="wschat,autobahn-prepared,node-ws,picows")
     parser.add_argument("--json", help="write every run's result here")
     parser.add_argument("--quiet", action="store_true", help="no progress lines from the bench")
+    parser.add_argument(
+        "--before",
+        metavar="TWISTD",
+        help="also know the server wschat-before: wschat run by this twistd "
+        "(another checkout's virtualenv)",
+    )
     args = parser.parse_args()
 
+    if args.before:
+        twistd = shutil.which(args.before)
+        if twistd is None:
+            parser.error(f"--before {args.before!r}: no such executable")
+        SERVERS["wschat-before"] = _wschat(*WSCHAT, twistd=os.path.abspath(twistd))
     servers = [s for s in args.servers.split(",") if s]
     unknown = [s for s in servers if s not in SERVERS]
     if unknown:

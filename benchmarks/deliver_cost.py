@@ -17,6 +17,7 @@ from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import tcp
+from twisted.internet.task import Clock
 
 from wschat import fastwrite
 from wschat.server import ChatServer
@@ -48,15 +49,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()
     server = ChatServer(fmt=Format.RAW, logMessages=False)
+    turns = fastwrite.Turns(Clock())
     for _ in range(args.members):
         p = server.factory.buildProtocol(None)
-        p.transport = stubTransport()
+        p.transport = fastwrite.wrap(stubTransport(), turns)
         p.state = WebSocketProtocol.STATE_OPEN
-        p._perMessageCompress = None
-        p.send_queue = []
+        # What onOpen decides for a connection that negotiated no compression.
+        p._plainFrames = True
         server.room.join(p, Format.RAW)
     message = Message("127.0.0.1:54321", b"x" * 64, False)
-    turns = fastwrite.turns()
 
     def broadcast() -> None:
         server.room.broadcast(message)

@@ -151,13 +151,15 @@ class DaemonProcess:
 
 
 class ClientProcess:
-    """``python -m wschat.client --url URL``: lines in on stdin, the room's lines on stdout."""
+    """
+    ``python -m wschat.client --url URL ARGS``: lines in on stdin, the room's lines on stdout.
+    """
 
-    def __init__(self, url: str, cwd: Path | None = None) -> None:
+    def __init__(self, url: str, cwd: Path | None = None, args: Sequence[str] = ()) -> None:
         # cwd matters: ``python -m`` puts it first on sys.path, where a checkout would shadow
         # the installed package.
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "wschat.client", "--url", url],
+            [sys.executable, "-m", "wschat.client", "--url", url, *args],
             cwd=cwd if cwd is not None else tempfile.gettempdir(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

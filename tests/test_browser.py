@@ -16,6 +16,7 @@ from browser import ClientProcess, DaemonProcess, launchChromium
 from playwright.sync_api import Browser, Page, WebSocket, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 from relay import Relay
+from tlsfiles import makeTLSFiles
 
 WELCOME = "Welcome to chat! Type a message"
 XSS = "<img src=x onerror=alert(1)>"
@@ -440,4 +441,29 @@ def test_page_joins_a_daemon_with_history_off(browser, tmp_path):
             assert "seq" not in copy
             assert copy["id"] == tab.sends("no history here")[0]["id"]
         finally:
+            tab.close()
+
+
+def test_page_over_https_chats_with_cli_over_wss(browser, tmp_path):
+    """
+    The page loaded over https:// (Chromium offers ALPN) joins the room over wss://, and chats
+    both ways with the CLI client connected over wss:// with the test's CA.
+    """
+    files = makeTLSFiles(tmp_path)
+    with DaemonProcess(["--listen", files.listen()], cwd=tmp_path) as daemon:
+        tab = Tab(browser, f"https://127.0.0.1:{daemon.port}/", ignore_https_errors=True)
+        url = f"wss://localhost:{daemon.port}/"
+        cli = ClientProcess(url, cwd=tmp_path, args=["--ca-file", str(files.ca)])
+        try:
+            assert cli.output.next() == WELCOME
+            expect(tab.online).to_have_text("2 online")
+            tab.say("hello over https")
+            assert cli.output.next() == f"{tab.address}: hello over https"
+            cli.send("hello over wss")
+            cliAddress = cli.output.next().split(": ", 1)[0]
+            expect(tab.lastMessage().locator(".from")).to_have_text(cliAddress)
+            expect(tab.lastMessage().locator(".bubble")).to_have_text("hello over wss")
+            assert cli.close() == 0
+        finally:
+            cli.kill()
             tab.close()

@@ -116,7 +116,7 @@ async def test_daemon_refuses_a_port_in_use(processes):
     second = twistd(processes, "--port", port)
     assert await second.ended != 0
     assert any(
-        "Address already in use" in line for line in second.lines["out"] + second.lines["err"]
+        "address already in use" in line for line in second.lines["out"] + second.lines["err"]
     )
     first.signal("TERM")
     await defer.DeferredList([first.ended])

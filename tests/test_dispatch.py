@@ -10,14 +10,20 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from wschat.dispatch import LINGER, DispatchFactory, isWebSocketUpgrade
+from wschat.dispatch import (
+    LINGER,
+    LINGER_BYTES,
+    DispatchFactory,
+    headerFields,
+    isWebSocketUpgrade,
+)
 from wschat.limits import MAX_REQUEST_HEAD
 
 UPGRADE = (
-    b"GET /room HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"GET /room HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
 )
-PLAIN = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+PLAIN = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
 
 class Recorder(Protocol):
@@ -187,6 +193,105 @@ class DispatcherTests(SynchronousTestCase):
         self.assertEqual((websocket.built, site.built), ([], []))
         clock.advance(LINGER)
         self.assertTrue(transport.aborted)
+
+
+class LaterHeadTests(SynchronousTestCase):
+    """Heads after the first on a connection the web site serves, on the clock."""
+
+    def test_each_head_goes_to_the_one_channel(self) -> None:
+        """Pipelined heads, and empty lines between them, reach the same site channel."""
+        dispatcher, _, site, _, _ = connection()
+        dispatcher.dataReceived(PLAIN + b"\r\n" + PLAIN[:10])
+        dispatcher.dataReceived(PLAIN[10:] + PLAIN)
+        (channel,) = site.built
+        self.assertEqual(channel.received, PLAIN * 3)
+
+    def test_later_head_has_its_deadline(self) -> None:
+        """A later head's deadline starts at its first byte; idle time before it is free."""
+        dispatcher, _, _, transport, clock = connection()
+        dispatcher.dataReceived(PLAIN)
+        clock.advance(30)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        dispatcher.dataReceived(b"G")
+        clock.advance(5)
+        dispatcher.dataReceived(b"ET / HT")
+        clock.advance(4.9)
+        self.assertFalse(transport.aborted)
+        clock.advance(0.1)
+        self.assertTrue(transport.aborted)
+
+    def test_later_head_in_time_is_served(self) -> None:
+        """A later head that completes in time leaves no timer behind."""
+        dispatcher, _, site, transport, clock = connection()
+        dispatcher.dataReceived(PLAIN + PLAIN[:5])
+        clock.advance(9)
+        dispatcher.dataReceived(PLAIN[5:])
+        clock.advance(60)
+        self.assertFalse(transport.aborted)
+        self.assertEqual(site.built[0].received, PLAIN * 2)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_later_head_with_body_refused(self) -> None:
+        """A later head announcing a body gets 413; the site sees neither head nor body."""
+        dispatcher, _, site, transport, _ = connection()
+        dispatcher.dataReceived(PLAIN)
+        post = b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\n"
+        dispatcher.dataReceived(post + b"0123456789")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertEqual(site.built[0].received, PLAIN)
+
+    def test_refused_client_is_read_only_so_far(self) -> None:
+        """A refused client still sending is dropped after LINGER_BYTES, before LINGER."""
+        dispatcher, _, _, transport, _ = connection()
+        dispatcher.dataReceived(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        dispatcher.dataReceived(b"x" * LINGER_BYTES)
+        self.assertFalse(transport.aborted)
+        dispatcher.dataReceived(b"x")
+        self.assertTrue(transport.aborted)
+
+
+class ConnectionCountTests(SynchronousTestCase):
+    """--max-connections counts every connection on the port."""
+
+    def test_over_the_limit_503_and_freed_slots(self) -> None:
+        """Past the limit a connection gets 503 at once; a closed one frees its slot."""
+        clock = Clock()
+        websocket = RecordingFactory("websocket")
+        websocket.maxConnections = 2  # type: ignore[attr-defined]
+        factory = DispatchFactory(websocket, RecordingFactory("site"), clock)
+
+        def accept() -> tuple[object, AbortableTransport]:
+            dispatcher = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+            transport = AbortableTransport()
+            dispatcher.makeConnection(transport)
+            return dispatcher, transport
+
+        (first, t1), (_, t2) = accept(), accept()
+        self.assertEqual((t1.value(), t2.value(), factory.connections), (b"", b"", 2))
+        third, t3 = accept()
+        self.assertTrue(t3.value().startswith(b"HTTP/1.1 503 "))
+        self.assertTrue(t3.halfClosed)
+        third.connectionLost(None)
+        self.assertEqual(factory.connections, 2)
+        first.connectionLost(None)
+        _, t4 = accept()
+        self.assertEqual((t4.value(), factory.connections), (b"", 2))
+
+
+class HeaderFieldsTests(SynchronousTestCase):
+    def test_fields(self) -> None:
+        """Names are lower-cased, values stripped and kept in order; folded lines continue."""
+        head = b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nx-a:  2 \r\nX-B: b\r\n\tc"
+        self.assertEqual(
+            headerFields(head), {b"host": [b"a"], b"x-a": [b"1", b"2"], b"x-b": [b"b c"]}
+        )
+
+    def test_not_fields(self) -> None:
+        """A line without a colon, or with space in or around the name, is not a field."""
+        for line in [b"Host", b"Host : a", b" Host: a", b"Ho st: a", b": a"]:
+            with self.subTest(line=line):
+                self.assertIsNone(headerFields(b"GET / HTTP/1.1\r\n" + line))
 
 
 @pytest_twisted.ensureDeferred

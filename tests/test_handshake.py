@@ -7,9 +7,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from wschat.handshake import (
     NULL_ORIGIN,
+    HostPolicy,
     Origin,
     OriginPolicy,
     forwardedClient,
+    listensOnLoopbackOnly,
     parseHost,
     parseOrigin,
     sameOrigin,
@@ -195,3 +197,81 @@ class SenderAddressTests(SynchronousTestCase):
         peer = UNIXAddress(b"/run/wschat.sock")
         self.assertEqual(senderAddress(peer, forwardedClient("203.0.113.7", 1)), "203.0.113.7")
         self.assertEqual(senderAddress(peer, forwardedClient(None, 1)), "unix")
+
+
+class HostPolicyTests(SynchronousTestCase):
+    local = IPv4Address("TCP", "192.0.2.10", 2000)
+
+    def test_own_names(self) -> None:
+        """localhost, *.localhost, loopback addresses, the local address, the machine's name."""
+        policy = HostPolicy.fromList([], own=["MyBox"])
+        for host in [
+            "localhost",
+            "LOCALHOST:2000",
+            "localhost.",
+            "app.localhost",
+            "127.0.0.1",
+            "127.9.9.9:80",
+            "[::1]:2000",
+            "::1",
+            "::1:2000",
+            "192.0.2.10:2000",
+            "mybox",
+            None,
+        ]:
+            with self.subTest(host=host):
+                self.assertTrue(policy.allows(host, self.local))
+
+    def test_other_names(self) -> None:
+        """Other names and addresses are not this daemon's, whatever the port."""
+        policy = HostPolicy.fromList([], own=["mybox"])
+        for host in ["evil.example", "evil.example:2000", "192.0.2.11", "localhost.evil", "mybox2"]:
+            with self.subTest(host=host):
+                self.assertFalse(policy.allows(host, self.local))
+        # Behind a UNIX socket there is no local address to compare.
+        self.assertFalse(policy.allows("192.0.2.10", UNIXAddress(b"/run/wschat.sock")))
+
+    def test_listed(self) -> None:
+        """Listed names, .domain suffixes (the domain too) and addresses; '*' is every name."""
+        policy = HostPolicy.fromList(["Chat.Example.com", ".corp.example", "2001:db8::1"], own=[])
+        for host in ["chat.example.com", "x.corp.example", "corp.example", "[2001:db8::1]:443"]:
+            self.assertTrue(policy.allows(host, self.local), host)
+        for host in ["example.com", "xcorp.example", "chat.example.com.evil"]:
+            self.assertFalse(policy.allows(host, self.local), host)
+        self.assertTrue(HostPolicy.fromList(["*"], own=[]).allows("anything.example"))
+
+    def test_malformed(self) -> None:
+        """A Host that is not host[:port] raises; so does a listed value that is no name."""
+        policy = HostPolicy.fromList([], own=[])
+        for host in ["a/b", "a b", "x:notaport", "", "::1:x", "a:b:c"]:
+            with self.subTest(host=host):
+                self.assertRaises(ValueError, policy.allows, host)
+        for text in ["http://x", "a b", "", "x/y", "a:b:c"]:
+            with self.subTest(text=text):
+                self.assertRaises(ValueError, HostPolicy.fromList, [text], [])
+
+
+class ListensOnLoopbackOnlyTests(SynchronousTestCase):
+    def test_loopback(self) -> None:
+        """TCP and TLS endpoints on a loopback interface are loopback only."""
+        for description in [
+            "tcp:2000:interface=127.0.0.1",
+            "tcp6:2000:interface=\\:\\:1",
+            "ssl:2443:privateKey=k.pem:certKey=c.pem:interface=127.0.0.1",
+            "tcp:2000:interface=localhost",
+        ]:
+            with self.subTest(description=description):
+                self.assertTrue(listensOnLoopbackOnly(description))
+
+    def test_not_loopback(self) -> None:
+        """Every interface (no interface=), another address, or a UNIX socket are not."""
+        for description in [
+            "tcp:2000",
+            "tcp:2000:interface=0.0.0.0",
+            "tcp6:2000:interface=\\:\\:",
+            "ssl:2443:privateKey=k.pem",
+            "unix:/run/wschat.sock",
+            "tcp:2000:interface=192.0.2.1",
+        ]:
+            with self.subTest(description=description):
+                self.assertFalse(listensOnLoopbackOnly(description))

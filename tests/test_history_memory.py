@@ -326,10 +326,18 @@ class ReplayFlowTests(SynchronousTestCase):
             head, _, first = transport.drain().partition(b"\r\n\r\n")
             self.assertTrue(head.startswith(b"HTTP/1.1 101 "))
             chunks = [first]
-            for n in range(100):
+            turns = 0
+            while chat.room.replaying(peer.protocol) or turns < 100:
                 # Messages keep coming while it catches up.
-                sender.sendText(b"live %03d" % n)
-                chunks.append(transport.drain())
+                if turns < 100:
+                    sender.sendText(b"live %03d" % turns)
+                # The peer reads a little at a time; the reactor turns.
+                if turns % 2:
+                    chunks.append(transport.drain())
+                clock.advance(0)
+                turns += 1
+                self.assertLess(turns, 2000)
+            chunks.append(transport.drain())
             self.assertFalse(chat.room.replaying(peer.protocol))
             self.assertLessEqual(transport.peak, transport.bufferSize + 300)
             self.assertFalse(peer.dropped)

@@ -64,16 +64,19 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(get("wschat_messages_refused_total", {"reason": "rate limit"}), 1)
 
     def test_closeCodes(self):
-        """Closed connections are counted by close code; an unknown code is 'none'."""
+        """Closed connections are counted by close code: no code is 'none', codes past the
+        registered 1000-1015 are 'other'."""
         m = Metrics()
-        for code in (1000, 1000, None):
+        for code in (1000, 1000, None, 1015, 1016, 3000, 4999):
             m.connectionOpened()
             m.connectionClosed(code)
         get = m.registry.get_sample_value
         self.assertEqual(get("wschat_connections_closed_total", {"code": "1000"}), 2)
+        self.assertEqual(get("wschat_connections_closed_total", {"code": "1015"}), 1)
+        self.assertEqual(get("wschat_connections_closed_total", {"code": "other"}), 3)
         self.assertEqual(get("wschat_connections_closed_total", {"code": "none"}), 1)
         self.assertEqual(get("wschat_connections_open"), 0)
-        self.assertEqual(get("wschat_connections_opened_total"), 3)
+        self.assertEqual(get("wschat_connections_opened_total"), 7)
 
 
 @pytest_twisted.ensureDeferred
@@ -110,7 +113,7 @@ async def test_daemon_counts_connections_messages_and_frames(daemon):
 
 @pytest_twisted.ensureDeferred
 async def test_closed_connections_by_code(daemon):
-    """A close with code 4000 and a dropped TCP connection (1006) are counted by code."""
+    """A dropped TCP connection counts as 1006; a close with code 4000 as 'other'."""
     service, url = daemon()
     watcher = await connect(url, protocols=[JSON_SUBPROTOCOL])
     await watcher.messages.get()  # welcome
@@ -125,9 +128,40 @@ async def test_closed_connections_by_code(daemon):
     await watcher.messages.get()
     abrupt.transport.abortConnection()
     await watcher.messages.get()  # leave
-    assert value(service, "wschat_connections_closed_total", code="4000") == 1
+    assert value(service, "wschat_connections_closed_total", code="other") == 1
     assert value(service, "wschat_connections_closed_total", code="1006") == 1
     assert value(service, "wschat_connections_open") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_close_codes_make_bounded_series(daemon):
+    """
+    However many distinct close codes clients send, /metrics has one series per registered
+    code (1000-1015) and one 'other' for all the rest.
+    """
+    service, url = daemon("--welcome", "")
+    http = url.replace("ws://", "http://")
+    watcher = await connect(url, protocols=[JSON_SUBPROTOCOL])
+    await watcher.messages.get()  # welcome
+    codes = [1000, *range(3000, 3040), *range(4000, 4040)]
+    for code in codes:
+        client = await connect(url)
+        await watcher.messages.get()  # join
+        client.sendClose(code)
+        await client.closed
+        await watcher.messages.get()  # leave: the server has counted the close
+    status, body = await get(http + "/metrics")
+    closed = {
+        labels: count
+        for (name, labels), count in samples(body).items()
+        if name == "wschat_connections_closed_total"
+    }
+    assert closed == {
+        (("code", "1000"),): 1,
+        (("code", "other"),): 80,
+    }
+    watcher.sendClose(1000)
+    await watcher.closed
 
 
 @pytest_twisted.ensureDeferred

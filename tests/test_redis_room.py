@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest_twisted
 import txredisapi
 from childprocess import freePort
 from redisserver import RedisServer, waitFor
+from twisted.internet import reactor
 
 from wschat.envelope import Envelope, encodeEnvelope
 from wschat.redisaddress import parseRedisURL
-from wschat.redisbus import REFUSED_DOWN, REFUSED_LOST, REFUSED_NO_ROOM, RedisBus
+from wschat.redisbus import (
+    REFUSED_BACKLOG,
+    REFUSED_DOWN,
+    REFUSED_LOST,
+    REFUSED_NO_ROOM,
+    REFUSED_STALLED,
+    STALL_TIMEOUT,
+    RedisBus,
+)
 from wschat.room import Room
 from wschat.server import DEFAULT_WELCOME, ChatServer
 from wschat.testing import QueueClientProtocol, bySender, closeAll, connect
@@ -78,6 +90,39 @@ async def redisCommands(server: RedisServer, *commands: tuple[str | bytes, ...])
         await connection.disconnect()
 
 
+@asynccontextmanager
+async def stopped(server: RedisServer) -> AsyncIterator[None]:
+    """redis-server stopped (SIGSTOP) within the block, continued (SIGCONT) after it, always."""
+    info = await redisCommand(server, "INFO", "server")
+    [pid] = [
+        int(line.split(b":")[1]) for line in info.split(b"\r\n") if line.startswith(b"process_id:")
+    ]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+class FakeOrigin:
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def refused(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+
+def busAlone(server: RedisServer, **kwargs: Any) -> RedisBus:
+    """A RedisBus on ``server`` with a room of nobody, started."""
+    bus = RedisBus(
+        Room(lambda payload, isBinary: payload),  # type: ignore[arg-type, return-value]
+        parseRedisURL(server.url),
+        **kwargs,
+    )
+    bus.startService()
+    return bus
+
+
 def test_redis_server_is_installed():
     """redis-server is on PATH: without it the Redis tests must fail, not skip."""
     import shutil
@@ -133,7 +178,11 @@ async def test_redis_restarted(redis, daemon, logged):
 
     await server.start()
     await allUp(a, b)
-    assert any("Redis link up" in line and "1 messages refused" in line for line in logged)
+    ups = [line for line in logged if "Redis link up" in line]
+    # First connects say just where; reconnects say how long down and what was refused.
+    assert [line for line in ups if "down" not in line and "refused" not in line][:2] == ups[:2]
+    assert any("(down " in line and ", 1 message refused meanwhile)" in line for line in ups)
+    assert any("(down " in line and ", 0 messages refused meanwhile)" in line for line in ups)
     # The same connections, still open: "during" reached nobody, "after" reaches all.
     cb.sendText("after")
     assert [await ca.nextText(), await cb.nextText()] == [f"{cb.address}: after"] * 2
@@ -304,5 +353,89 @@ async def test_silent_redis_dropped(redis, logged):
         await waitFor(lambda: not bus.available, timeout=1.8)
         await waitFor(lambda: bus.available)
         assert any("Redis link lost" in line for line in logged)
+    finally:
+        await bus.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_redis_sender_told_soon(redis, daemon, logged):
+    """A stopped Redis: new messages are refused with a notice within STALL_TIMEOUT s."""
+    server = await redis()
+    service, url = daemon("--redis", server.url, "--no-message-log")
+    await allUp(service)
+    [client] = await opened(url)
+    async with stopped(server):
+        start = reactor.seconds()
+        client.sendText("held")
+        await waitFor(lambda: not bus(service).available, timeout=STALL_TIMEOUT + 1)
+        client.sendText("refused")
+        assert await client.nextText() == f"wschat: {REFUSED_STALLED}"
+        assert reactor.seconds() - start < STALL_TIMEOUT + 1
+        assert (bus(service).backlog, bus(service).refused) == (1, 1)
+        assert any("has not answered for over 2 s" in line for line in logged)
+    # Redis answers again: the held message is relayed, and new ones are.
+    assert await client.nextText() == f"{client.address}: held"
+    await waitFor(lambda: bus(service).available)
+    client.sendText("after")
+    assert await client.nextText() == f"{client.address}: after"
+    assert any("answers again" in line and "1 message refused" in line for line in logged)
+    assert bus(service).backlog == 0
+    await closeAll([client])
+
+
+@pytest_twisted.ensureDeferred
+async def test_backlog_bounded(redis, logged):
+    """While Redis is stopped, unanswered PUBLISHes stay within the count and byte bounds."""
+    server = await redis()
+    bus = busAlone(server, stallTimeout=600, maxBacklog=5, maxBacklogBytes=10_000)
+    try:
+        await waitFor(lambda: bus.available)
+        origins = [FakeOrigin() for _ in range(12)]
+        async with stopped(server):
+            payloads = [b"x" * 4000] * 3 + [b"small"] * 9
+            for payload, origin in zip(payloads, origins, strict=True):
+                bus.publish(Message("127.0.0.1:1", payload), origin)
+                assert bus.backlog <= 5 and bus.backlogBytes <= 10_000
+            # Two big ones fit in the bytes, the third does not; three small ones fill the count.
+            full = [[REFUSED_BACKLOG]]
+            assert [o.reasons for o in origins] == [[]] * 2 + full + [[]] * 3 + full * 6
+            assert (bus.backlog, bus.published, bus.refused) == (5, 5, 7)
+            assert sum("Redis backlog is full" in line for line in logged) == 1
+        await waitFor(lambda: bus.backlog == 0)
+        assert bus.backlogBytes == 0
+        assert [o.reasons for o in origins[:2]] == [[]] * 2
+        # Drained: accepted again, and the drain is logged.
+        late = FakeOrigin()
+        bus.publish(Message("127.0.0.1:1", b"again"), late)
+        await waitFor(lambda: bus.backlog == 0)
+        assert late.reasons == [] and bus.published == 6
+        assert any("backlog has drained (7 messages refused meanwhile)" in line for line in logged)
+    finally:
+        await bus.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_link_up_while_stopped(redis, logged):
+    """A reconnection the kernel accepts for a stopped Redis is not logged or used as link up."""
+    server = await redis()
+    # No heartbeat: the subscribing connection stays, as it does between heartbeats.
+    bus = busAlone(server, heartbeat=600, replyTimeout=0.3)
+    try:
+        await waitFor(lambda: bus.available)
+        async with stopped(server):
+            # An unanswered PUBLISH times out: the publishing connection is dropped...
+            bus.publish(Message("127.0.0.1:1", b"held"), FakeOrigin())
+            lost = "Redis link lost (Redis did not answer within 0.3 s)"
+            await waitFor(lambda: any(lost in line for line in logged))
+            # ... and made again, to a Redis that cannot answer.
+            await waitFor(lambda: bus._publisher is not None)
+            first = bus._publisher
+            assert not bus.available
+            # Its PING goes unanswered too: dropped, and made again.
+            await waitFor(lambda: bus._publisher not in (None, first))
+            assert not bus.available
+            assert not any("Redis link up" in line and "down" in line for line in logged)
+        await waitFor(lambda: bus.available)
+        assert any("Redis link up" in line and "(down " in line for line in logged)
     finally:
         await bus.stopService()

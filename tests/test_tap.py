@@ -126,6 +126,19 @@ class OriginProxyShutdownOptionsTests(SynchronousTestCase):
         self.assertIn("--allowed-origin", str(caught.exception))
         self.assertIn("scheme://host[:port]", str(caught.exception))
 
+    def test_allowedHost(self) -> None:
+        """--allowed-host repeats, and builds the policy the port applies to Host."""
+        server = buildServer(parse("--allowed-host", "Chat.Example", "--allowed-host", ".corp.x"))
+        hosts = server.hosts
+        self.assertEqual(
+            (hosts.allowed, hosts.domains), (frozenset({"chat.example"}), (".corp.x",))
+        )
+        self.assertTrue(buildServer(parse("--allowed-host", "*")).hosts.allowAll)
+        self.assertFalse(buildServer(parse()).hosts.allows("evil.example"))
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("--allowed-host", "https://chat.example")
+        self.assertIn("--allowed-host", str(caught.exception))
+
     def test_trustForwardedFor(self) -> None:
         """--trust-forwarded-for takes a hop count to the server; a negative one is refused."""
         self.assertEqual(buildServer(parse("--trust-forwarded-for", "2")).trustedHops, 2)

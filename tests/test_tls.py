@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import socket
+import ssl as stdssl
 import sys
 
 import pytest_twisted
 from childprocess import ProcessWatcher
+from rawws import RawClient
 from tlsfiles import makeTLSFiles
-from twisted.internet import ssl
+from twisted.internet import endpoints, reactor, ssl, threads
 
 from wschat.testing import connect
 
@@ -81,3 +85,79 @@ async def test_cli_client_refuses_unknown_ca(daemon, processes, tmp_path):
     assert await cli.ended == 1, cli.output
     assert "connected to" not in cli.output
     assert "certificate verify failed" in cli.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_alpn_client_gets_http_1_1(daemon, tmp_path):
+    """A TLS client offering ALPN h2 and http/1.1, as browsers and curl do, gets http/1.1."""
+    files = makeTLSFiles(tmp_path)
+    service, url = daemon("--listen", files.listen())
+    port = service.ports[0].getHost().port
+    options = ssl.optionsForClientTLS(
+        "localhost", trustRoot=files.trustRoot(), acceptableProtocols=[b"h2", b"http/1.1"]
+    )
+    endpoint = endpoints.wrapClientTLS(
+        options, endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    )
+    request = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    client = await endpoints.connectProtocol(endpoint, RawClient(request))
+    response = await client.lost
+    assert response.startswith(b"HTTP/1.1 200 "), response
+    assert b'"status": "ok"' in response
+    assert client.transport.negotiatedProtocol == b"http/1.1"
+
+
+def curlLike(port: int, ca: str, request: bytes) -> bytes:
+    """
+    Over TLS with ALPN, as curl does: send ``request``, read the answer (to the end of its
+    announced body), close TLS (close_notify) and wait for the server to close; the answer.
+    """
+    context = stdssl.create_default_context(cafile=ca)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        tls = context.wrap_socket(raw, server_hostname="localhost")
+        tls.sendall(request)
+        answer = b""
+        while True:
+            head, _, body = answer.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *(\d+)", head)
+            if length and len(body) >= int(length.group(1)):
+                break
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        try:
+            tls.unwrap()
+        except (stdssl.SSLError, OSError):
+            pass
+        while True:  # until the server has closed the TCP connection
+            try:
+                if not raw.recv(65536):
+                    break
+            except OSError:
+                break
+    return answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_over_tls_close_cleanly(daemon, tmp_path, logged):
+    """
+    Over TLS a refused request (413, 403) gets its whole answer, and a client closing TLS
+    as curl does (close_notify once the answer is in) leaves no error in the daemon's log.
+    """
+    files = makeTLSFiles(tmp_path)
+    service, url = daemon("--listen", files.listen())
+    port = service.ports[0].getHost().port
+    for request, expected in [
+        (
+            b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"10000\r\n"
+            + b"x" * 0x10000,
+            b"HTTP/1.1 413 ",
+        ),
+        (b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n", b"HTTP/1.1 403 "),
+    ]:
+        response = await threads.deferToThread(curlLike, port, str(files.ca), request)
+        assert response.startswith(expected), response
+    assert not [line for line in logged if "Unhandled" in line], logged

@@ -1,21 +1,26 @@
 """
-A fast path for writing frames: a plain TCP transport with nothing queued hands the bytes to
-the kernel at once; only what the kernel refuses waits for the reactor. Under a heavy load
-(a connection getting several frames in one reactor turn) the frames of a turn leave together,
-one ``send`` per connection at the turn's end (:class:`Turns`).
+The one writer of a plain TCP connection: :class:`FastTransport` stands between the WebSocket
+protocol and its TCP transport, and every byte the protocol writes (the handshake response,
+the room's frames, pings, pongs, close frames) goes through it, in order.
+
+With nothing queued it hands the bytes to the kernel at once; only what the kernel refuses
+waits for the reactor. Under a heavy load (a connection getting several frames in one reactor
+turn) the frames of a turn leave together, one ``send`` per connection at the turn's end
+(:class:`Turns`).
 
 Twisted's ``transport.write`` always buffers and registers the socket for writing, so every
-delivery costs a buffer append, two epoll re-registrations and a ``send`` in a later reactor
+write costs a buffer append, two epoll re-registrations and a ``send`` in a later reactor
 turn. When the transport has nothing queued, sending straight away keeps the byte order
 (nothing is ahead of us) and saves all of that.
 
 Whether a transport still has bytes queued is not public Twisted API. That knowledge lives here
-and only here: :func:`canSendDirectly` reads ``dataBuffer`` and ``_tempDataBuffer`` of
-:class:`twisted.internet.tcp.Connection` (pinned by ``tests/test_fastwrite.py``), and answers
-"no" whenever anything is unexpected, so the write goes through ``transport.write`` as usual:
+and only here: :func:`canSendDirectly` reads ``dataBuffer``, ``_tempDataBuffer``, ``TLS`` and
+``_writeDisconnected`` of :class:`twisted.internet.tcp.Connection` (pinned by
+``tests/test_fastwrite.py``), and answers "no" whenever anything is unexpected, so the write
+goes through ``transport.write`` as usual:
 
 - a transport that is not exactly a plain TCP connection (TLS, UNIX sockets, wrappers such as
-  ``policies.ProtocolWrapper``, in-memory test transports);
+  ``policies.ProtocolWrapper``, in-memory test transports): :func:`wrap` leaves it as it is;
 - a connection with TLS started on it, one that is disconnecting, or one with bytes queued
   (which is also the case whenever its producer is paused: Twisted pauses a producer only
   when its buffer is over the limit, so backlog accounting by the transport's pause and
@@ -29,10 +34,24 @@ so Twisted meets the error in its own ``doWrite`` and closes the connection its 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Any
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import (
+    IConsumer,
+    IProducer,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+    ISystemHandle,
+    ITCPTransport,
+    ITLSTransport,
+)
+from zope.interface import implementedBy, implementer
+from zope.interface.declarations import Provides
+from zope.interface.interface import Specification
 
 #: Exactly these classes; subclasses (``unix.Server``, ``unix.Client``) are excluded on purpose.
 PLAIN_TCP: frozenset[type] = frozenset({tcp.Server, tcp.Client})
@@ -78,12 +97,12 @@ def sendOrQueue(send: Any, transport: Any, data: bytes) -> int:
     return sent
 
 
-def write(transport: Any, data: bytes) -> int:
+def writeNow(transport: Any, data: bytes) -> int:
     """
     Write ``data`` to ``transport``, as much of it as the kernel takes straight away.
 
-    Returns how many bytes went to the kernel directly; the rest (all of it, when the fast
-    path does not apply) went through ``transport.write``.
+    Returns how many bytes went to the kernel directly; the rest (all of it, when the
+    transport cannot be bypassed) went through ``transport.write``.
     """
     if not canSendDirectly(transport):
         transport.write(data)
@@ -93,36 +112,36 @@ def write(transport: Any, data: bytes) -> int:
 
 class Turns:
     """
-    The reactor's turns, as the fast path sees them: quiet or busy.
+    A reactor's turns, as the writers see them: quiet or busy.
 
-    In a quiet turn a frame goes to the kernel at once (:meth:`DirectWriter.write`), so the
+    In a quiet turn a write goes to the kernel at once (:meth:`FastTransport.write`), so the
     first client of a broadcast does not wait for the last. When one connection gets a second
-    frame within a turn, that frame and the ones after it are held and leave together at the
-    turn's end, one ``send`` per connection; and the next turn is busy, so all its frames are
-    held. A turn in which no connection got two frames makes the next one quiet again. Under
+    write within a turn, that write and the ones after it are held and leave together at the
+    turn's end, one ``send`` per connection; and the next turn is busy, so all its writes are
+    held. A turn in which no connection got two writes makes the next one quiet again. Under
     a light load every frame leaves at once; under a heavy one the kernel sees one ``send``
     per connection per turn.
 
-    :meth:`endTurn` runs with ``callLater(0)``: after every event of the current poll and
-    before the next poll.
+    :meth:`endTurn` runs with ``callLater(0)`` on the given clock (the reactor): after every
+    event of the current poll and before the next poll.
     """
 
     def __init__(self, clock: IReactorTime) -> None:
-        self._clock = clock
+        self.clock = clock
         #: Counts the turns in which anything was sent or held.
         self.turn = 0
-        #: Hold every frame in this turn.
+        #: Hold every write in this turn.
         self.busy = False
-        #: Some connection got two frames in this turn.
+        #: Some connection got two writes in this turn.
         self.busyNext = False
         self.scheduled = False
-        self.held: list[DirectWriter] = []
+        self.held: list[FastTransport] = []
 
     def schedule(self) -> None:
         """Make sure this turn ends with :meth:`endTurn`."""
         if not self.scheduled:
             self.scheduled = True
-            self._clock.callLater(0, self.endTurn)
+            self.clock.callLater(0, self.endTurn)
 
     def endTurn(self) -> None:
         """Send everything held, one write per connection, and start the next turn."""
@@ -134,41 +153,63 @@ class Turns:
             writer.flush()
 
 
-_turns: Turns | None = None
-
-
-def turns() -> Turns:
-    """The process's turns, on the global reactor."""
-    global _turns
-    if _turns is None:
-        from twisted.internet import reactor
-
-        _turns = Turns(reactor)  # type: ignore[arg-type]
-    return _turns
-
-
-class DirectWriter:
+def wrap(transport: Any, turns: Turns) -> Any:
     """
-    Frames for one plain TCP connection: to the kernel at once in a quiet turn, held to the
-    turn's end in a busy one (see :class:`Turns`), and to ``transport.write`` whenever the
-    transport has bytes of its own queued.
+    ``transport`` behind a :class:`FastTransport` when it is a plain TCP connection;
+    any other transport (TLS, UNIX, in memory, another Twisted's) as it is.
+    """
+    if type(transport) not in PLAIN_TCP:
+        return transport
+    try:
+        send = transport.socket.send
+    except AttributeError:
+        return transport
+    return FastTransport(transport, turns, send)
 
-    The writer remembers that the transport may have bytes queued (``dirty``) when it handed
-    it any itself, and when told so by :meth:`wrote`, which whoever writes to the transport
-    by another way must call (after :meth:`flush`, so that held frames go first). Only then
-    does it look at the transport's buffers (:func:`canSendDirectly`). Its owner must stop
-    using it once the connection is closing.
+
+@implementer(ITCPTransport, ITLSTransport, ISystemHandle, IConsumer, IPushProducer)
+class FastTransport:
+    """
+    A plain TCP transport whose writes go to the kernel at once in a quiet turn, are held to
+    the turn's end in a busy one (see :class:`Turns`), and go to the transport's own
+    ``write`` whenever it has bytes of its own queued (or is closing, or has started TLS).
+
+    It is the connection's only writer: bytes reach the transport's buffer only through it
+    (when the kernel refuses some), so it looks at the buffer (:func:`canSendDirectly`) only
+    after it put bytes there (``dirty``). Closing, aborting, stopping and starting TLS go
+    through it too: held writes leave first, and from then on every write is checked.
+    Everything else a TCP transport offers to its protocol (addresses, producers, socket
+    options) is passed to the transport as it is; it is an ISSLTransport when the transport
+    is (once TLS has started on it).
+
+    Each of those is spelled out rather than forwarded by ``__getattr__``: a class with
+    ``__getattr__`` makes every attribute lookup on it slower, and :meth:`write` runs for
+    every client on every message.
     """
 
-    __slots__ = ("transport", "turns", "_send", "dirty", "held", "turn")
+    __slots__ = ("transport", "turns", "_send", "dirty", "held", "turn", "__weakref__")
 
-    def __init__(self, transport: Any, turns: Turns) -> None:
+    def __init__(self, transport: Any, turns: Turns, send: Any) -> None:
+        #: The TCP transport written to.
         self.transport = transport
         self.turns = turns
-        self._send = transport.socket.send
+        self._send = send
+        #: The transport may have bytes queued: look before sending directly.
         self.dirty = True
+        #: Writes held to the turn's end, if any.
         self.held: list[bytes] | None = None
+        #: The last turn in which this connection sent directly.
         self.turn = -1
+
+    @property
+    def __providedBy__(self) -> Specification:
+        # Asked of the transport now, not when wrapped: TLS may have started on it since.
+        if ISSLTransport.providedBy(self.transport):
+            return _PROVIDED_WITH_TLS
+        return _PROVIDED
+
+    def __repr__(self) -> str:
+        return f"<FastTransport of {self.transport!r}>"
 
     def write(self, data: bytes) -> None:
         """Send ``data`` after everything written before it."""
@@ -196,68 +237,108 @@ class DirectWriter:
         if sendOrQueue(self._send, self.transport, data) != len(data):
             self.dirty = True
 
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        """Send every piece of ``data``, in one write."""
+        self.write(b"".join(data))
+
     def flush(self) -> None:
-        """Send the frames held, if any, in one write."""
+        """Send the writes held, if any, in one write."""
         held = self.held
         if held is None:
             return
         self.held = None
         data = held[0] if len(held) == 1 else b"".join(held)
-        if write(self.transport, data) != len(data):
+        if writeNow(self.transport, data) != len(data):
             self.dirty = True
 
-    def wrote(self) -> None:
-        """The transport was written to by another way: it may have bytes queued."""
+    def _leaving(self) -> None:
+        # Whatever the transport does next (close, half-close, TLS), the writes held go
+        # before it, and every later write asks the transport whether it may be bypassed.
+        self.flush()
         self.dirty = True
 
+    def loseConnection(self) -> None:
+        """Close once everything written, held writes included, has been sent."""
+        self._leaving()
+        self.transport.loseConnection()
 
-class FastDelivery:
-    """
-    Mixin for an Autobahn WebSocket protocol: :meth:`sendPreparedFast` sends a prepared frame
-    through a :class:`DirectWriter` on a plain TCP connection without per-message
-    compression, and every other write (``sendData``, which all of Autobahn's writes go
-    through) first flushes the frames held, so frames keep their order.
-    """
+    def loseWriteConnection(self) -> None:
+        """Half-close once everything written, held writes included, has been sent."""
+        self._leaving()
+        self.transport.loseWriteConnection()
 
-    transport: Any
-    _perMessageCompress: Any
-    send_queue: Any
-    # None: not decided yet; False: this connection always takes Autobahn's own path.
-    _writer: DirectWriter | Literal[False] | None = None
+    def stopProducing(self) -> None:
+        """Stop the transport (it closes), after the held writes."""
+        self._leaving()
+        self.transport.stopProducing()
 
-    def sendPreparedFast(self, frame: Any) -> None:
-        """
-        Send an Autobahn ``PreparedMessage``: its frame bytes as they are through the
-        connection's :class:`DirectWriter`; through Autobahn's ``sendPreparedMessage`` when
-        per-message compression was negotiated, the transport is not plain TCP, or
-        Autobahn has queued sends of its own (chopped or sync sends).
-        """
-        w = self._writer
-        if w:
-            w.write(frame.payloadHybi)
-        elif w is None:
-            self._writer = self._newWriter()
-            self.sendPreparedFast(frame)
-        else:
-            self.sendPreparedMessage(frame)  # type: ignore[attr-defined]
+    def startTLS(self, contextFactory: Any, normal: bool = True) -> None:
+        """Start TLS on the transport once the held writes have gone out in the clear."""
+        self._leaving()
+        self.transport.startTLS(contextFactory, normal)
 
-    def _newWriter(self) -> DirectWriter | Literal[False]:
-        t = self.transport
-        if self._perMessageCompress is None and type(t) in PLAIN_TCP and not self.send_queue:
-            return DirectWriter(t, turns())
-        return False
+    def abortConnection(self) -> None:
+        """Drop the connection now; the held writes are dropped with the transport's queue."""
+        self.held = None
+        self.dirty = True
+        self.transport.abortConnection()
 
-    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        w = self._writer
-        if w:
-            w.flush()
-            w.wrote()
-        if sync or chopsize:
-            # Autobahn queues these sends itself; frames must queue behind them from now on,
-            # so this connection leaves the fast path for good.
-            self._writer = False
-        super().sendData(data, sync, chopsize)  # type: ignore[misc]
+    # -- the rest of the transport, as it is
 
-    def forgetWriter(self) -> None:
-        """The connection is gone: let go of its transport."""
-        self._writer = False
+    def getPeer(self) -> IPv4Address | IPv6Address:
+        return self.transport.getPeer()  # type: ignore[no-any-return]
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        return self.transport.getHost()  # type: ignore[no-any-return]
+
+    def getHandle(self) -> Any:
+        return self.transport.getHandle()
+
+    def getTcpNoDelay(self) -> bool:
+        return bool(self.transport.getTcpNoDelay())
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.transport.setTcpNoDelay(enabled)
+
+    def getTcpKeepAlive(self) -> bool:
+        return bool(self.transport.getTcpKeepAlive())
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self.transport.setTcpKeepAlive(enabled)
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.transport.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    @property
+    def producer(self) -> IProducer | None:
+        """The producer registered with the transport, if any."""
+        return self.transport.producer  # type: ignore[no-any-return]
+
+    @property
+    def streamingProducer(self) -> bool:
+        return bool(self.transport.streamingProducer)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.transport.connected)
+
+    @property
+    def disconnecting(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+    @property
+    def disconnected(self) -> bool:
+        return bool(self.transport.disconnected)
+
+
+_PROVIDED: Specification = implementedBy(FastTransport)
+_PROVIDED_WITH_TLS: Specification = Provides(FastTransport, ISSLTransport)

@@ -10,6 +10,16 @@ Origins (``--allowed-origin``)
     sandboxed frames and ``file:`` pages send. Anything else gets HTTP 403: this is what stops
     cross-site WebSocket hijacking, where a page from another site opens a socket to the daemon.
 
+Host names (``--allowed-host``)
+    A request (page, health, metrics or WebSocket handshake) is served only when its ``Host``
+    names this daemon: ``localhost`` or a name under ``.localhost``, a loopback address, the
+    address the connection arrived at, the machine's host name, or a name listed with
+    ``--allowed-host`` (``.example.com`` lists that domain and every name under it, ``*`` lists
+    every name). The port is not compared. This stops DNS rebinding, where a page on a domain
+    the attacker controls re-points that domain at the daemon's address: the browser then sends
+    the attacker's name as ``Host``, and the same-origin check alone would pass. A request
+    without ``Host`` (HTTP/1.0 tools) is served: browsers always send one.
+
 Forwarded senders (``--trust-forwarded-for N``)
     Each proxy appends the address it received the connection from to ``X-Forwarded-For``. With
     ``N`` trusted proxies, the last of which connects to the daemon, the client is the ``N``-th
@@ -24,6 +34,8 @@ Forwarded senders (``--trust-forwarded-for N``)
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -138,6 +150,148 @@ class OriginPolicy:
         except ValueError:
             return False
         return parsed in self.allowed or sameOrigin(parsed, host, secure)
+
+
+def _canonicalName(name: str) -> str:
+    """A host name or address as :class:`HostPolicy` compares it: lower case, no final dot,
+    an IP address in canonical form."""
+    name = name.strip().lower().rstrip(".")
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name
+
+
+def _isAddress(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _hostName(host: str) -> str:
+    """
+    The name in a ``Host`` header, without its port, in canonical form. An IPv6 address
+    without brackets (``::1:2000``, as Autobahn's client writes it) is taken as address and
+    port when it has a port, else as an address.
+
+    @raise ValueError: if ``host`` is not a host with an optional port.
+    """
+    host = host.strip()
+    if host.count(":") > 1 and not host.startswith("["):
+        address, _, port = host.rpartition(":")
+        if port.isdigit() and _isAddress(address):
+            return _canonicalName(address)
+        if _isAddress(host):
+            return _canonicalName(host)
+        raise ValueError(f"{host!r} is not a host[:port]")
+    return _canonicalName(parseHost(host, False)[0])
+
+
+def machineNames() -> frozenset[str]:
+    """The machine's own host name (as ``hostname`` prints it), in canonical form."""
+    name = socket.gethostname()
+    return frozenset({_canonicalName(name)}) if name else frozenset()
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    """
+    Which ``Host`` values name this daemon: its own names (see the module docstring), plus
+    ``allowed`` names, names under ``domains`` (each with its leading dot), or all.
+    """
+
+    allowed: frozenset[str] = frozenset()
+    domains: tuple[str, ...] = ()
+    allowAll: bool = False
+    own: frozenset[str] = frozenset()
+
+    @classmethod
+    def fromList(cls, hosts: Iterable[str], own: Iterable[str] | None = None) -> HostPolicy:
+        """
+        The policy for ``--allowed-host`` values: names, addresses, ``.domain``, or ``*``;
+        ``own`` is the machine's names (default: :func:`machineNames`).
+
+        @raise ValueError: if a value is none of these.
+        """
+        allowed: set[str] = set()
+        domains: list[str] = []
+        allowAll = False
+        for text in hosts:
+            text = text.strip()
+            if text == "*":
+                allowAll = True
+                continue
+            name = _canonicalName(text.lstrip("."))
+            if not (_HOST_NAME.match(name) or _isAddress(name)):
+                raise ValueError(f"{text!r} is not a host name (chat.example.com, .example.com, *)")
+            if text.startswith("."):
+                domains.append("." + name)
+            else:
+                allowed.add(name)
+        names = machineNames() if own is None else frozenset(_canonicalName(n) for n in own)
+        return cls(frozenset(allowed), tuple(domains), allowAll, names)
+
+    def allows(self, host: str | None, local: IAddress | None = None) -> bool:
+        """
+        Whether a request with this ``Host`` header (None: none) names this daemon, on a
+        connection that arrived at the address ``local``.
+
+        @raise ValueError: if ``host`` is not a host with an optional port.
+        """
+        if host is None:
+            return True
+        name = _hostName(host)
+        if not (_HOST_NAME.match(name) or _isAddress(name)):
+            raise ValueError(f"{host!r} is not a host name or address")
+        if self.allowAll:
+            return True
+        if name == "localhost" or name.endswith(".localhost"):
+            return True
+        if name in self.allowed or name in self.own:
+            return True
+        if any(name == d[1:] or name.endswith(d) for d in self.domains):
+            return True
+        try:
+            ip = ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        if ip.is_loopback:
+            return True
+        if isinstance(local, IPv4Address | IPv6Address):
+            try:
+                return ip == ipaddress.ip_address(local.host.split("%", 1)[0])
+            except ValueError:
+                return False
+        return False
+
+
+#: A DNS name: letters, digits, hyphens and underscores in dot-separated labels.
+_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*$")
+
+#: An endpoint description's ``interface=`` argument (``\:`` escapes a colon).
+_INTERFACE = re.compile(r"(?:^|:)interface=((?:\\.|[^:\\])*)")
+
+
+def listensOnLoopbackOnly(description: str) -> bool:
+    """
+    Whether a ``--listen`` endpoint description is a TCP or TLS port on a loopback interface
+    (``tcp:2000:interface=127.0.0.1``): reached by nothing but this machine.
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    match = _INTERFACE.search(description)
+    if kind not in ("tcp", "tcp6", "ssl") or match is None:
+        return False
+    interface = re.sub(r"\\(.)", r"\1", match.group(1))
+    if interface.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
 
 
 def _parseForwardedEntry(entry: str) -> str | None:

@@ -23,7 +23,33 @@ from prometheus_client import (
 if TYPE_CHECKING:
     from wschat.history import History
 
-__all__ = ["Metrics", "REFUSED_BINARY", "REFUSED_RATE_LIMIT", "REFUSED_RELAY", "REFUSED_COMMAND"]
+__all__ = [
+    "KNOWN_CLOSE_CODES",
+    "Metrics",
+    "OTHER_CODE",
+    "closeCodeLabel",
+    "REFUSED_BINARY",
+    "REFUSED_RATE_LIMIT",
+    "REFUSED_RELAY",
+    "REFUSED_COMMAND",
+]
+
+#: Close codes that keep their own ``code`` label in ``wschat_connections_closed_total``: the
+#: range RFC 6455 and the IANA registry give the protocol (1000-1015). A client may send any
+#: code from 1000 to 4999, so the others all share the label :data:`OTHER_CODE`: one label
+#: series per code a client makes up would let clients grow the exposition without bound.
+KNOWN_CLOSE_CODES = frozenset(range(1000, 1016))
+
+#: The ``code`` label of every close code outside :data:`KNOWN_CLOSE_CODES`.
+OTHER_CODE = "other"
+
+
+def closeCodeLabel(code: int | None) -> str:
+    """The ``code`` label for a close code: the code, ``none`` (no code), or ``other``."""
+    if code is None:
+        return "none"
+    return str(code) if code in KNOWN_CLOSE_CODES else OTHER_CODE
+
 
 #: The ``reason`` labels of ``wschat_messages_refused_total``.
 REFUSED_RATE_LIMIT = "rate limit"
@@ -58,7 +84,7 @@ class Metrics:
         self._closed = Counter(
             "wschat_connections_closed",
             "WebSocket connections closed, by close code "
-            "(1006: dropped without a closing handshake).",
+            "(1006: dropped without a closing handshake; 'other': codes outside 1000-1015).",
             ["code"],
             registry=registry,
         )
@@ -127,7 +153,7 @@ class Metrics:
     def connectionClosed(self, code: int | None) -> None:
         """A connection that had opened is gone; ``code`` is the close code ``onClose`` saw."""
         self._open.dec()
-        self._closed.labels(code="none" if code is None else str(code)).inc()
+        self._closed.labels(code=closeCodeLabel(code)).inc()
 
     # -- messages
 

@@ -15,13 +15,13 @@ from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflat
 from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, ISSLTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from wschat import fastwrite, lean
+from wschat import lean
 from wschat.closing import (
     GOING_AWAY,
     POLICY_VIOLATION,
@@ -31,6 +31,7 @@ from wschat.closing import (
 from wschat.handshake import forwardedClient, senderAddress
 from wschat.history import BadQuery, Position, parseQuery
 from wschat.limits import Limits, TokenBucket, hostKey
+from wschat.logtext import escapeLogText
 from wschat.metrics import REFUSED_BINARY, REFUSED_COMMAND, REFUSED_RATE_LIMIT, REFUSED_RELAY
 from wschat.wire import (
     JSON_SUBPROTOCOL,
@@ -47,13 +48,15 @@ if TYPE_CHECKING:
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 
+#: The most a history replay writes to one connection in one reactor turn.
+_REPLAY_CHUNK = 64 * 1024
+
 #: HTTP status for a handshake past ``--max-connections-per-ip``.
 HTTP_TOO_MANY_REQUESTS = 429
 
 
 @implementer(IPushProducer)
-# (mypy compares Autobahn's own base classes once there are two bases: not ours to fix.)
-class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # type: ignore[misc]
+class ChatServerProtocol(WebSocketServerProtocol):
     """
     One client connection: hands what it receives to the room, and delivers the room's frames.
 
@@ -73,6 +76,8 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
     _paused = False
     _unsent = 0
     _maxQueue = Limits().maxQueue
+    # No extension (compression) negotiated: a prepared frame's bytes are what goes on the wire.
+    _plainFrames = False
     # Per-connection message rate limit, when there is one.
     _bucket: TokenBucket | None = None
     # What this connection counts as in the per-address limit, once counted.
@@ -80,6 +85,10 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
     # What it asked for in its URL's query: recover after a position, or the last N messages.
     _since: Position | None = None
     _last: int | None = None
+    # Replaying history: bytes it may still write in this reactor turn, and the next turn's
+    # continuation once scheduled.
+    _replayBudget = 0
+    _replayNext: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -100,9 +109,8 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
     def resumeProducing(self) -> None:
         self._paused = False
         self._unsent = 0
-        room = self.factory.chatServer.room
-        if room.replaying(self):
-            room.catchUp(self)
+        if self._replayNext is None and self.factory.chatServer.room.replaying(self):
+            self._replay()
 
     def stopProducing(self) -> None:
         pass
@@ -133,7 +141,9 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
-        self.forgetWriter()
+        if self._replayNext is not None and self._replayNext.active():
+            self._replayNext.cancel()
+        self._replayNext = None
         # The dead transport still holds what it could not send (up to --max-queue and its
         # own 64 KiB). Autobahn's is_closed Deferred keeps this protocol in a reference
         # cycle that only a full garbage collection frees, so let go of the transport now.
@@ -193,6 +203,7 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         self._hostKey = key
 
     def onOpen(self) -> None:
+        self._plainFrames = not self.websocket_extensions_in_use
         server = self.factory.chatServer
         room = server.room
         history = room.history
@@ -213,7 +224,8 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
         if greeting:
             self.sendMessage(greeting)
             server.metrics.delivered(1, len(greeting))
-        room.catchUp(self)
+        if room.replaying(self):
+            self._replay()
         room.announce("join", self.address, exclude=self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -270,19 +282,39 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
                 "Connection from {peer} closed: code {code} {reason}",
                 peer=self.address,
                 code=code,
-                reason=reason or "",
+                # The client chose it: escaped, as all client text in the log.
+                reason=escapeLogText(reason or ""),
                 wasClean=wasClean,
             )
 
     # -- replaying history (wschat.room.Replayer)
 
+    def _replay(self) -> None:
+        """
+        Send history while the transport takes it: at most half of ``--max-queue`` (and
+        64 KiB) a reactor turn, and none while the transport is paused; continue in the next
+        turn, or when the transport drains. A write may wait in the transport (a turn's writes
+        leave together at its end), so the budget, not only the pause, bounds what a replay
+        holds: the socket's buffer plus ``--max-queue``, as for a slow live client.
+        """
+        self._replayNext = None
+        room = self.factory.chatServer.room
+        self._replayBudget = max(1, min(_REPLAY_CHUNK, self._maxQueue // 2))
+        room.catchUp(self)
+        if room.replaying(self) and self.state == _OPEN and not self._paused:
+            # Out of budget for this turn, not out of room: carry on in the next one.
+            self._replayNext = self.factory.chatServer.reactor.callLater(0, self._replay)
+
     def writable(self) -> bool:
-        return self.state == _OPEN and not self._paused
+        return self.state == _OPEN and not self._paused and self._replayBudget > 0
 
     def deliverNow(self, frame: PreparedMessage) -> None:
-        # Through the transport's own buffer, whose flow control pauses us at once: a replay
-        # never has more than that buffer waiting (see Room.catchUp).
-        self.sendPreparedMessage(frame)
+        data = frame.payloadHybi
+        self._replayBudget -= len(data)
+        if self._plainFrames:
+            self.transport.write(data)  # type: ignore[union-attr]
+        else:
+            self.sendPreparedMessage(frame)
 
     def fellBehind(self) -> None:
         self._log.info(
@@ -302,13 +334,14 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
             # The hot path: one attribute test while the client keeps up.
             if self._paused and self._overQueue(len(frame.payloadHybi)):
                 return
-            w = self._writer
-            if w:
-                # The fast path, inlined: this line runs for every client on every message.
-                w.write(frame.payloadHybi)
+            if self._plainFrames:
+                # This line runs for every client on every message. Autobahn would write the
+                # same bytes (its sendData), and queues nothing of its own in front of them:
+                # wschat never asks it for a chopped or sync send.
+                self.transport.write(frame.payloadHybi)  # type: ignore[union-attr]
                 return
             try:
-                self.sendPreparedFast(frame)
+                self.sendPreparedMessage(frame)
             except Disconnected:
                 pass
 
@@ -374,9 +407,19 @@ class ChatServerProtocol(fastwrite.FastDelivery, WebSocketServerProtocol):  # ty
                 "From client {peer}: <{size} bytes binary>", peer=self.address, size=len(payload)
             )
         else:
+            # Escaped: one message, one log line, no terminal control codes from clients.
             self._log.info(
-                "From client {peer}: {text}", peer=self.address, text=payload.decode("utf-8")
+                "From client {peer}: {text}",
+                peer=self.address,
+                text=escapeLogText(payload.decode("utf-8")),
             )
+
+    def failHandshake(
+        self, reason: str, code: int = 400, responseHeaders: list[tuple[str, str]] | None = None
+    ) -> None:
+        # Autobahn logs the reason and answers it as the HTTP status text; reasons quote what
+        # the client sent (its Origin, method, request line): escaped, for both.
+        super().failHandshake(escapeLogText(reason), code, responseHeaders)
 
 
 class ChatServerFactory(WebSocketServerFactory):
@@ -386,6 +429,7 @@ class ChatServerFactory(WebSocketServerFactory):
     """
 
     protocol = ChatServerProtocol  # type: ignore[assignment]
+    noisy = False  # no "Starting factory" line at start
 
     def __init__(self, chatServer: ChatServer, **kwargs: Any) -> None:
         kwargs.setdefault("server", "wschat")

@@ -10,6 +10,7 @@ from typing import Any
 
 from twisted.application import service, strports
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
@@ -17,12 +18,13 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wschat.bus import Bus, LocalBus
 from wschat.closing import closeAll
 from wschat.dispatch import DispatchFactory
-from wschat.handshake import OriginPolicy
+from wschat.handshake import HostPolicy, OriginPolicy
 from wschat.history import DEFAULT_AGE, DEFAULT_BYTES, DEFAULT_COUNT, History
 from wschat.limits import ConnectionCounter, Limits
 from wschat.metrics import Metrics
@@ -33,6 +35,32 @@ from wschat.web import makeMetricsSite, makeSite
 from wschat.wire import Format, jsonWelcome
 
 DEFAULT_WELCOME = "Welcome to chat! Type a message"
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``1 connection``, ``2 connections``: ``count`` and the noun in agreement with it."""
+    return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
+
+
+class ListenError(Exception):
+    """
+    A listener could not listen: its endpoint description, and why in a few words.
+
+    Short on purpose: daemonized ``twistd`` shows the parent only the first 100 bytes of
+    the exception that stopped its child.
+    """
+
+    def __init__(self, description: str, reason: str) -> None:
+        super().__init__(f"cannot listen on {description}: {reason}")
+        self.description = description
+        self.reason = reason
+
+
+def _why(error: CannotListenError) -> str:
+    """What stopped ``error``'s listen, in lower case: ``address already in use``."""
+    cause = error.socketError
+    text = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+    return text[:1].lower() + text[1:]
 
 
 @implementer(IStreamServerEndpoint)
@@ -62,7 +90,15 @@ class LoggingEndpoint:
             )
             return port
 
-        return self._endpoint.listen(protocolFactory).addCallback(listening)
+        def failed(reason: Failure) -> Failure:
+            # One line that names the endpoint, instead of a traceback through the reactor.
+            if not isinstance(reason.value, CannotListenError):
+                return reason
+            problem = ListenError(self.description, _why(reason.value))
+            self._log.critical("{what}: {problem}", what=self.what, problem=problem)
+            return Failure(problem)
+
+        return self._endpoint.listen(protocolFactory).addCallbacks(listening, failed)
 
 
 class ChatServer(service.MultiService):
@@ -81,6 +117,8 @@ class ChatServer(service.MultiService):
         the window too.
     @param reactor: runs the connections and stamps the time; the global reactor unless given.
     @param clock: times the shutdown bound; ``reactor`` unless given.
+    @param fastWrite: WebSocket connections over plain TCP write through
+        :class:`wschat.fastwrite.FastTransport` (``--no-fast-write`` turns it off).
     """
 
     _log = Logger()
@@ -94,9 +132,11 @@ class ChatServer(service.MultiService):
         logConnections: bool = True,
         metrics: Metrics | None = None,
         origins: OriginPolicy | None = None,
+        hosts: HostPolicy | None = None,
         trustedHops: int = 0,
         limits: Limits | None = None,
         compression: bool = False,
+        fastWrite: bool = True,
         listen: Sequence[str] = (),
         metricsListen: str | None = None,
         serveMetrics: bool = True,
@@ -120,6 +160,8 @@ class ChatServer(service.MultiService):
         self.logMessages = logMessages
         self.logConnections = logConnections
         self.origins = origins if origins is not None else OriginPolicy()
+        #: The Host names the daemon answers to; the dispatcher in front of each port applies it.
+        self.hosts = hosts if hosts is not None else HostPolicy.fromList([])
         self.trustedHops = trustedHops
         self.shutdownTimeout = shutdownTimeout
         self.shuttingDown = False
@@ -142,13 +184,19 @@ class ChatServer(service.MultiService):
         self.site = makeSite(self, serveMetrics and metricsListen is None)
         self.endpoints: list[LoggingEndpoint] = []
         # One port serves both: each connection goes to the room or the site by its first request.
-        chat = DispatchFactory(self.factory, self.site, reactor)
+        chat = DispatchFactory(
+            self.factory, self.site, reactor, hosts=self.hosts, fastWrite=fastWrite
+        )
         for description in listen:
             self.endpoints.append(self._listen(description, chat))
         self.metricsEndpoint: LoggingEndpoint | None = None
         if serveMetrics and metricsListen is not None:
             metricsSite = makeMetricsSite(self)
-            self.metricsEndpoint = self._listen(metricsListen, metricsSite, "wschat metrics")
+            # Its requests are guarded as the chat port's are; WebSocket is not spoken there.
+            guarded = DispatchFactory(
+                None, metricsSite, reactor, hosts=self.hosts, timeout=limits.handshakeTimeout
+            )
+            self.metricsEndpoint = self._listen(metricsListen, guarded, "wschat metrics")
 
     def _listen(
         self, description: str, factory: IProtocolFactory, what: str = "wschat"
@@ -171,6 +219,18 @@ class ChatServer(service.MultiService):
     def accepting(self) -> bool:
         """Whether the daemon is running and so accepts connections (for /healthz)."""
         return bool(self.running)
+
+    def unready(self) -> str | None:
+        """
+        Why the room cannot relay messages now (for /readyz), or None when it can: the daemon
+        is not running or is shutting down, or its bus (the Redis link) is down.
+        """
+        if self.shuttingDown or not self.running:
+            return "shutting down"
+        # A bus that can be down (the Redis bus) says whether it is up; the local bus cannot be.
+        if not getattr(self.bus, "available", True):
+            return "Redis link down"
+        return None
 
     @property
     def ports(self) -> list[IListeningPort]:
@@ -216,9 +276,9 @@ class ChatServer(service.MultiService):
 
         def closeClients(_: object) -> Deferred[None]:
             self._log.info(
-                "Stopped listening; closing {count} connections (1001 going away), "
+                "Stopped listening; closing {connections} (1001 going away), "
                 "waiting up to {timeout} s",
-                count=len(self.room),
+                connections=plural(len(self.room), "connection"),
                 timeout=self.shutdownTimeout,
             )
             return self.shutDown()

@@ -7,21 +7,34 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as distributionVersion
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from twisted.internet import endpoints
+from twisted.logger import Logger
 from twisted.python import usage
 
-from wschat.handshake import OriginPolicy
+from twisted import version as twistedVersion
+from wschat.handshake import HostPolicy, OriginPolicy, listensOnLoopbackOnly
 from wschat.history import DEFAULT_AGE, DEFAULT_BYTES, DEFAULT_COUNT
 from wschat.limits import Limits, parseSize
 from wschat.redisaddress import DEFAULT_CHANNEL, parseChannel, parseRedisURL
-from wschat.server import DEFAULT_WELCOME, ChatServer
+from wschat.server import DEFAULT_WELCOME, ChatServer, ListenError
 from wschat.tuning import freezeStartupObjects, raiseFileLimit
 from wschat.wire import Format
 
 if TYPE_CHECKING:
     from wschat.redisbus import RedisBus
+
+
+def wschatVersion() -> str:
+    """The installed wschat's version, from its package metadata."""
+    try:
+        return distributionVersion("wschat")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def portDescription(port: int, interface: str) -> str:
@@ -34,24 +47,56 @@ def portDescription(port: int, interface: str) -> str:
 def _bounded(
     convert: Callable[[str], float], low: float, what: str, high: float = math.inf
 ) -> Callable[[str], Any]:
-    """A validator: ``convert`` the text and check ``low <= value <= high`` (refuses nan)."""
+    """
+    A validator: ``convert`` the text and check ``low <= value <= high`` (refuses nan); else
+    ``ValueError("'TEXT' is not WHAT")``, which :func:`_named` prefixes with the option.
+    """
 
     def validate(value: str) -> Any:
-        number = convert(value)
+        try:
+            number = convert(value)
+        except ValueError:
+            number = math.nan
         if not low <= number <= high:
-            raise ValueError(f"{value!r} must be {what}")
+            raise ValueError(f"{value!r} is not {what}")
         return number
 
     return validate
 
 
 _port = _bounded(int, 0, "a TCP port number (0-65535)", 65535)
-_byteSize = _bounded(parseSize, 1, "at least 1 byte")
+_byteSize = _bounded(parseSize, 1, "a size in bytes, 1 or more (65536, 64K, 1MiB)")
 _positiveSeconds = _bounded(float, math.ulp(0), "a number of seconds above 0")
 _secondsOrOff = _bounded(float, 0, "a number of seconds, 0 or more")
 _messageRate = _bounded(float, 0, "a number of messages per second, 0 or more", sys.float_info.max)
 _limitOrOff = _bounded(int, 0, "a whole number, 0 or more")
 _positiveCount = _bounded(int, 1, "a whole number, 1 or more")
+
+
+def _named(parameters: list[list[Any]]) -> list[list[Any]]:
+    """
+    ``parameters`` (usage.Options' ``optParameters``) whose validators' errors name their
+    option: ``--port: 'abc' is not a TCP port number (0-65535)``, one line, instead of
+    usage's "Parameter type enforcement failed" and Python's own wording.
+    """
+    named = []
+    for parameter in parameters:
+        if len(parameter) > 4 and parameter[4] is not None:
+            parameter = [*parameter[:4], _naming(f"--{parameter[0]}", parameter[4])]
+        named.append(parameter)
+    return named
+
+
+def _naming(option: str, coerce: Callable[[str], Any]) -> Callable[[str], Any]:
+    def coerceNamed(value: str) -> Any:
+        try:
+            return coerce(value)
+        except ValueError as e:
+            # A UsageError, which usage.Options passes on as it is.
+            raise usage.UsageError(f"{option}: {e}") from None
+
+    coerceNamed.coerceDoc = getattr(coerce, "coerceDoc", "")  # type: ignore[attr-defined]
+    return coerceNamed
 
 
 def _endpoint(option: str, description: str) -> str:
@@ -226,6 +271,7 @@ class Options(usage.Options):
     ]
     optParameters += LIMIT_PARAMETERS
     optParameters += HISTORY_PARAMETERS
+    optParameters = _named(optParameters)
     optFlags: list[list[str | None]] = [
         ["no-message-log", None, "Do not log message bodies (privacy, speed)."],
         [
@@ -239,6 +285,12 @@ class Options(usage.Options):
             None,
             "Offer permessage-deflate compression (costs CPU and memory per client).",
         ],
+        [
+            "no-fast-write",
+            None,
+            "Write through Twisted's transport buffers only, not straight to the socket "
+            "(slower; to measure against).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -246,6 +298,12 @@ class Options(usage.Options):
         self["listen"] = []
         self["metrics-listen"] = None
         self["allowed-origin"] = []
+        self["allowed-host"] = []
+
+    def opt_version(self) -> NoReturn:
+        """Display wschat's version and exit."""
+        print(f"wschat {wschatVersion()} (Twisted {twistedVersion.short()})")
+        sys.exit(0)
 
     def opt_listen(self, description: str) -> None:
         """
@@ -265,12 +323,25 @@ class Options(usage.Options):
             raise usage.UsageError(f"--allowed-origin: {e}") from None
         self["allowed-origin"].append(origin)
 
+    def opt_allowed_host(self, host: str) -> None:
+        """
+        Answer requests for HOST too (chat.example.com; .example.com: it and every name under
+        it; '*': any). Repeatable. Always answered: localhost, loopback addresses, the address
+        a connection arrived at, and this machine's host name.
+        """
+        try:
+            HostPolicy.fromList([host], own=())
+        except ValueError as e:
+            raise usage.UsageError(f"--allowed-host: {e}") from None
+        self["allowed-host"].append(host)
+
     def opt_metrics_listen(self, description: str) -> None:
         """Serve /metrics on this endpoint, not the chat port (tcp:9100:interface=127.0.0.1)."""
         self["metrics-listen"] = _endpoint("--metrics-listen", description)
 
     def postOptions(self) -> None:
         self["origins"] = OriginPolicy.fromList(self["allowed-origin"])
+        self["hosts"] = HostPolicy.fromList(self["allowed-host"])
         if self["no-metrics"] and self["metrics-listen"] is not None:
             raise usage.UsageError("--no-metrics and --metrics-listen contradict each other")
         # JSON is not a daemon's format: each client asks for it (subprotocol wschat.json).
@@ -293,15 +364,18 @@ def buildServer(options: Options, reactor: Any = None) -> ChatServer:
 
     It leaves the process alone: an embedding program or a test gets a server and nothing else.
     """
+    warnAboutHosts(options)
     server = ChatServer(
         fmt=options["format"],
         welcome=options["welcome"],
         logMessages=not options["no-message-log"],
         logConnections=not options["no-connection-log"],
         origins=options["origins"],
+        hosts=options["hosts"],
         trustedHops=options["trust-forwarded-for"],
         limits=limitsFromOptions(options),
         compression=options["compression"],
+        fastWrite=not options["no-fast-write"],
         listen=options["listen"],
         metricsListen=options["metrics-listen"],
         serveMetrics=not options["no-metrics"],
@@ -334,12 +408,58 @@ def redisBusClass() -> type[RedisBus]:
     return RedisBus
 
 
+_log = Logger()
+
+
+def warnAboutHosts(options: Options) -> None:
+    """
+    Say at start-up which Host names a daemon reachable from other machines answers to, when
+    no --allowed-host lists any: requests for other names (a DNS name, a proxy's) get 403.
+    """
+    if options["allowed-host"]:
+        return
+    for description in options["listen"]:
+        if not listensOnLoopbackOnly(description):
+            names = sorted(options["hosts"].own)
+            _log.warn(
+                "{description} is not loopback only, and no --allowed-host is given: requests "
+                "are answered only for localhost, the address they arrive at{names}; give "
+                "--allowed-host NAME for each name clients use (a DNS name, a proxy's)",
+                description=description,
+                names="".join(f", {name}" for name in names),
+            )
+            return
+
+
 def makeService(options: Options) -> ChatServer:
     """
     The ``twistd wschat`` start path: the server, and the process tuned for many connections
     (open files, the garbage collector). Only the daemon's own process should be tuned so.
     """
     raiseFileLimit()
+    reportListenErrors()
     server = buildServer(options)
     freezeStartupObjects()
     return server
+
+
+def reportListenErrors() -> None:
+    """
+    Make a listener that cannot listen (a port in use, say) stop ``twistd`` with one line on
+    standard error, ``wschat: cannot listen on ENDPOINT: WHY``, and exit status 1, instead of a
+    traceback. (The server has logged the same line; daemonized, twistd's parent process shows
+    the error's first 100 bytes and points to the log.)
+    """
+    previous = sys.excepthook
+
+    def excepthook(
+        kind: type[BaseException], value: BaseException, tb: TracebackType | None
+    ) -> None:
+        if isinstance(value, ListenError) and sys.__stderr__ is not None:
+            # Standard error as the process got it: twistd has sent sys.stderr to its log.
+            sys.__stderr__.write(f"wschat: {value}\n")
+            sys.__stderr__.flush()
+            return
+        previous(kind, value, tb)
+
+    sys.excepthook = excepthook

@@ -1,12 +1,16 @@
 """
-The daemon's HTTP side: one Twisted web site per daemon that serves the chat page, ``/healthz``
-and ``/metrics``. WebSocket handshakes, on any path, go to the room before they get here
+The daemon's HTTP side: one Twisted web site per daemon that serves the chat page, ``/healthz``,
+``/readyz`` and ``/metrics``. WebSocket handshakes, on any path, go to the room before they get here
 (:mod:`wschat.dispatch`).
 
 Resources on the chat port::
 
     GET /            the chat page (wschat/static/index.html), and its chat.js and chat.css
-    GET /healthz     200 {"status": "ok", "connections": N}; 503 "stopping" once shutting down
+    GET /healthz     liveness: 200 {"status": "ok", "connections": N} while the process serves;
+                     503 "stopping" once shutting down
+    GET /readyz      readiness: 200 {"status": "ready", "connections": N} while the room relays;
+                     503 {"status": "unready", "reason": ...} while the Redis link is down or
+                     the daemon is shutting down
     GET /metrics     Prometheus exposition (unless moved by --metrics-listen, or --no-metrics)
     Upgrade: websocket, any path:  the chat room
 
@@ -25,6 +29,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.pages import errorPage, notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
+
+from wschat.limits import MAX_REQUEST_HEAD
 
 if TYPE_CHECKING:
     from wschat.server import ChatServer
@@ -47,7 +53,7 @@ CONTENT_SECURITY_POLICY = (
 HTTP_IDLE_TIMEOUT = 60
 
 #: Paths polled by machines, left out of the access log.
-QUIET_PATHS = frozenset({b"/healthz", b"/metrics"})
+QUIET_PATHS = frozenset({b"/healthz", b"/readyz", b"/metrics"})
 
 
 class Root(Resource):
@@ -126,8 +132,50 @@ class HealthResource(ReadOnly):
         return json.dumps(body).encode("utf-8") + b"\n"
 
 
+class ReadinessResource(ReadOnly):
+    """
+    ``GET /readyz``: 200 while the room can relay messages; 503, and why, while it cannot (the
+    Redis link is down, or the daemon is shutting down). A load balancer sends new clients only
+    to a ready daemon; ``/healthz`` says whether the process is alive at all.
+    """
+
+    def __init__(self, server: ChatServer) -> None:
+        super().__init__()
+        self._server = server
+
+    def render_GET(self, request: IRequest) -> bytes:
+        reason = self._server.unready()
+        body: dict[str, object] = {"status": "ready" if reason is None else "unready"}
+        if reason is not None:
+            body["reason"] = reason
+            request.setResponseCode(503)
+        body["connections"] = len(self._server.room)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(body).encode("utf-8") + b"\n"
+
+
+class ChatChannel(http.HTTPChannel):
+    """
+    An HTTP/1.1 channel that takes request heads up to :data:`MAX_REQUEST_HEAD`, as the
+    dispatcher in front of it does for WebSocket handshakes (Twisted's own limit is 16 KiB,
+    past which it closes without an answer); larger ones get 431 from the dispatcher.
+    """
+
+    MAX_LENGTH = MAX_REQUEST_HEAD
+    totalHeadersSize = MAX_REQUEST_HEAD
+
+
 class ChatSite(Site):
-    """A :class:`Site` that leaves health checks and metric scrapes out of the access log."""
+    """
+    A :class:`Site` that leaves health checks and metric scrapes out of the access log, and
+    speaks HTTP/1.1 only (no HTTP/2: the dispatcher names http/1.1 for ALPN).
+    """
+
+    protocol = ChatChannel  # type: ignore[assignment]
+
+    # No "Starting factory" line at start: the server logs where it listens.
+    noisy = False
 
     def log(self, request: http.Request) -> None:
         if request.path in QUIET_PATHS:
@@ -152,14 +200,15 @@ def makeSite(server: ChatServer, metrics: bool = True) -> ChatSite:
 
 def makeMetricsSite(server: ChatServer) -> ChatSite:
     """
-    The site for ``--metrics-listen``: ``/metrics`` and ``/healthz`` only.
+    The site for ``--metrics-listen``: ``/metrics``, ``/healthz`` and ``/readyz`` only.
     """
     return _monitoredSite(Root(), server, metrics=True)
 
 
 def _monitoredSite(root: Root, server: ChatServer, metrics: bool) -> ChatSite:
-    """``root`` with ``/healthz`` and (when ``metrics``) ``/metrics``, as a site."""
+    """``root`` with ``/healthz``, ``/readyz`` and (when ``metrics``) ``/metrics``, as a site."""
     root.putChild(b"healthz", HealthResource(server))
+    root.putChild(b"readyz", ReadinessResource(server))
     if metrics:
         root.putChild(b"metrics", MetricsResource(server.metrics.registry))
     return ChatSite(root, timeout=HTTP_IDLE_TIMEOUT)
