@@ -444,6 +444,29 @@ def test_page_joins_a_daemon_with_history_off(browser, tmp_path):
             tab.close()
 
 
+def test_page_refuses_to_send_a_message_too_long(browser, tmp_path):
+    """
+    A message longer than the welcome's ``maxMessageSize`` is not sent (the daemon would close
+    the connection, and the page send it again after every reconnect): the page says so, and
+    keeps the text in the input.
+    """
+    with DaemonProcess(["--max-message-size", "200"], cwd=tmp_path) as daemon:
+        tab = Tab(browser, daemon.httpURL)
+        try:
+            assert tab.received("welcome")[0]["maxMessageSize"] == 200
+            tab.say("x" * 200)
+            notice = tab.page.locator("#log li.notice")
+            expect(notice).to_have_text(re.compile(r"^too long to send: 2\d\d bytes, at most 200"))
+            expect(tab.page.locator("#text")).to_have_value("x" * 200)
+            tab.say("short")
+            expect(tab.bubbles()).to_have_text(["short"])
+            expect(tab.pending()).to_have_count(0)
+            assert [o["text"] for o in map(json.loads, tab.sent)] == ["short"]
+            expect(tab.state).to_have_attribute("data-state", "open")
+        finally:
+            tab.close()
+
+
 def test_page_over_https_chats_with_cli_over_wss(browser, tmp_path):
     """
     The page loaded over https:// (Chromium offers ALPN) joins the room over wss://, and chats
