@@ -6,11 +6,13 @@ import json
 
 from autobahn.websocket.protocol import PreparedMessage
 from twisted.internet.task import Clock
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from wschat.history import BadQuery, History, Position, parseQuery
 from wschat.metrics import Metrics
 from wschat.room import Room
+from wschat.tap import Options, buildServer
 from wschat.wire import BadCommand, Format, Message, SendCommand, parseCommand
 
 
@@ -346,3 +348,46 @@ class RoomReplayTests(SynchronousTestCase):
         self.assertEqual(len(self.room), 0)
         self.room.catchUp(member)
         self.assertEqual(member.frames, [])
+
+
+class OptionTests(SynchronousTestCase):
+    """--history, --history-ttl and --history-bytes on the command line."""
+
+    def parse(self, *args: str) -> Options:
+        options = Options()
+        options.parseOptions(list(args))
+        return options
+
+    def test_defaults(self):
+        """By default the window keeps 1000 messages, 300 s, 16 MiB: the server gets them."""
+        options = self.parse()
+        self.assertEqual(
+            (options["history"], options["history-ttl"], options["history-bytes"]),
+            (1000, 300.0, 16 << 20),
+        )
+        history = buildServer(options, reactor=Clock()).history
+        assert history is not None
+        self.assertEqual(
+            (history.maxCount, history.maxAge, history.maxBytes), (1000, 300.0, 16 << 20)
+        )
+
+    def test_values(self):
+        """Sizes take units; --history 0 turns history off."""
+        options = self.parse("--history", "50", "--history-ttl", "2.5", "--history-bytes", "1M")
+        history = buildServer(options, reactor=Clock()).history
+        assert history is not None
+        self.assertEqual((history.maxCount, history.maxAge, history.maxBytes), (50, 2.5, 1 << 20))
+        self.assertIsNone(buildServer(self.parse("--history", "0"), reactor=Clock()).history)
+
+    def test_refused(self):
+        """Negative or malformed values are usage errors naming the option."""
+        for args in [
+            ("--history", "-1"),
+            ("--history", "lots"),
+            ("--history-ttl", "0"),
+            ("--history-ttl", "-5"),
+            ("--history-bytes", "0"),
+            ("--history-bytes", "big"),
+        ]:
+            e = self.assertRaises(usage.UsageError, self.parse, *args)
+            self.assertIn(args[0], str(e))
