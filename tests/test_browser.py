@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from browser import ClientProcess, DaemonProcess, launchChromium
-from playwright.sync_api import Browser, Page, WebSocket, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    Page,
+    WebSocket,
+    WebSocketRoute,
+    expect,
+    sync_playwright,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from relay import Relay
 from tlsfiles import makeTLSFiles
@@ -46,8 +53,16 @@ class Tab:
     and any dialog it raised.
     """
 
-    def __init__(self, browser: Browser, url: str, **contextOptions) -> None:
+    def __init__(
+        self,
+        browser: Browser,
+        url: str,
+        routeSockets: Callable[[WebSocketRoute], None] | None = None,
+        **contextOptions,
+    ) -> None:
         self.page: Page = browser.new_context(**contextOptions).new_page()
+        if routeSockets is not None:
+            self.page.route_web_socket(re.compile(".*"), routeSockets)
         self.frames: list[str] = []
         self.sent: list[str] = []
         self.sockets: list[WebSocket] = []
@@ -442,6 +457,85 @@ def test_page_joins_a_daemon_with_history_off(browser, tmp_path):
             assert copy["id"] == tab.sends("no history here")[0]["id"]
         finally:
             tab.close()
+
+
+class Interposer:
+    """
+    The page's WebSockets routed through Playwright to the daemon, frame by frame: the test
+    can answer what the page sends in the daemon's stead, and put frames of its own in front
+    of the page.
+    """
+
+    def __init__(self) -> None:
+        self.routes: list[WebSocketRoute] = []
+        #: When set: what the page sends goes to this instead of the daemon; what it returns,
+        #: if anything, goes back to the page.
+        self.answer: Callable[[dict], dict | None] | None = None
+
+    def __call__(self, route: WebSocketRoute) -> None:
+        server = route.connect_to_server()
+        self.routes.append(route)
+        route.on_message(lambda frame: self._fromPage(route, server, frame))
+
+    def _fromPage(self, route: WebSocketRoute, server: WebSocketRoute, frame: str | bytes) -> None:
+        if self.answer is None:
+            server.send(frame)
+            return
+        reply = self.answer(json.loads(frame))
+        if reply is not None:
+            route.send(json.dumps(reply))
+
+    def toPage(self, obj: dict) -> None:
+        """Put ``obj`` in front of the page, as if its daemon had sent it."""
+        self.routes[-1].send(json.dumps(obj))
+
+
+def test_page_shows_a_message_once_and_takes_duplicate_as_delivered(browser, liveDaemon, tmp_path):
+    """
+    A message at a position the page already showed is not shown again; a ``duplicate``
+    answer for a pending message marks it delivered where it stands.
+    """
+    interposer = Interposer()
+    tab = Tab(browser, liveDaemon.httpURL, routeSockets=interposer)
+    cli = ClientProcess(liveDaemon.url, cwd=tmp_path)
+    try:
+        assert cli.output.next() == WELCOME
+        cli.send("one")
+        cliAddress = cli.output.next().split(": ", 1)[0]
+        expect(tab.bubbles()).to_have_text(["one"])
+        (welcome,) = tab.received("welcome")
+        epoch = welcome["epoch"]
+
+        # The same message again (as a daemon that got the page's position wrong would send).
+        again = {"type": "message", "from": cliAddress, "text": "one", "time": welcome["time"]}
+        interposer.toPage({**again, "epoch": epoch, "seq": 1})
+        cli.send("two")
+        assert cli.output.next() == f"{cliAddress}: two"
+        expect(tab.bubbles()).to_have_text(["one", "two"])
+        # Another epoch's message at the same seq is another message.
+        interposer.toPage({**again, "text": "elsewhere", "epoch": "f" * 16, "seq": 1})
+        expect(tab.bubbles()).to_have_text(["one", "two", "elsewhere"])
+
+        # The daemon answers the page's next send: it had that id already.
+        sent: list[dict] = []
+
+        def duplicate(command: dict) -> dict:
+            sent.append(command)
+            return {"type": "duplicate", "id": command["id"], "epoch": epoch, "seq": 2}
+
+        interposer.answer = duplicate
+        tab.say("had it already")
+        expect(tab.pending()).to_have_count(0)
+        assert [(c["type"], c["text"]) for c in sent] == [("send", "had it already")]
+        expect(tab.page.locator("#log li.msg")).to_have_class(["msg", "msg", "msg", "msg own"])
+        expect(tab.bubbles()).to_have_text(["one", "two", "elsewhere", "had it already"])
+        interposer.answer = None
+        cli.send("three")
+        assert cli.output.next() == f"{cliAddress}: three"  # nothing relayed in between
+        expect(tab.bubbles()).to_have_text(["one", "two", "elsewhere", "had it already", "three"])
+    finally:
+        cli.kill()
+        tab.close()
 
 
 def test_page_refuses_to_send_a_message_too_long(browser, tmp_path):
