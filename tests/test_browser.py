@@ -493,7 +493,7 @@ class Interposer:
 def test_page_shows_a_message_once_and_takes_duplicate_as_delivered(browser, liveDaemon, tmp_path):
     """
     A message at a position the page already showed is not shown again; a ``duplicate``
-    answer for a pending message marks it delivered where it stands.
+    answer for a pending message marks it delivered where it stands; a ``notice`` shows.
     """
     interposer = Interposer()
     tab = Tab(browser, liveDaemon.httpURL, routeSockets=interposer)
@@ -533,6 +533,13 @@ def test_page_shows_a_message_once_and_takes_duplicate_as_delivered(browser, liv
         cli.send("three")
         assert cli.output.next() == f"{cliAddress}: three"  # nothing relayed in between
         expect(tab.bubbles()).to_have_text(["one", "two", "elsewhere", "had it already", "three"])
+
+        # A notice to this page alone shows as an event line, as text.
+        interposer.toPage({"type": "notice", "text": XSS, "time": welcome["time"]})
+        expect(tab.page.locator("#log li.event.notice")).to_have_text(
+            re.compile(rf"^{re.escape(XSS)} · \d\d:\d\d")
+        )
+        assert tab.page.locator("#log img").count() == 0
     finally:
         cli.kill()
         tab.close()
