@@ -16,6 +16,7 @@ import time
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from deliver_cost import stubTransport
+from twisted.internet.task import Clock
 
 from wschat import fastwrite
 from wschat.server import ChatServer
@@ -25,19 +26,20 @@ from wschat.wire import Format, Message
 def cost(members: int, fmt: Format, history: int, rounds: int) -> float:
     """Seconds of CPU per broadcast, best of five."""
     server = ChatServer(fmt=Format.RAW, logMessages=False, history=history)
+    clock = Clock()
+    turns = fastwrite.Turns(clock)
     for _ in range(members):
         p = server.factory.buildProtocol(None)
-        p.transport = stubTransport()
+        p.transport = fastwrite.wrap(stubTransport(), turns)
         p.state = WebSocketProtocol.STATE_OPEN
-        p._perMessageCompress = None
-        p.send_queue = []
+        # What onOpen decides for a connection that negotiated no compression.
+        p._plainFrames = True
         server.room.join(p, fmt)
     message = Message("127.0.0.1:54321", b"x" * 64, False)
-    turns = fastwrite.turns()
 
     def broadcast() -> None:
         server.room.broadcast(message)
-        turns.endTurn()
+        clock.advance(0)  # the turn ends: Turns.endTurn sends what it held
 
     for _ in range(2000):  # a full window: trimming runs on every message
         broadcast()

@@ -25,6 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay import Relay
 from tlsfiles import makeTLSFiles
 
+from wschat.bench.frames import serverFrame
+
 WELCOME = "Welcome to chat! Type a message"
 XSS = "<img src=x onerror=alert(1)>"
 MISSED = "some messages may have been missed"
@@ -137,6 +139,20 @@ def metrics(daemon: DaemonProcess) -> dict[tuple[str, tuple], float]:
     return found
 
 
+def historyBytes(tab: Tab, lines: list[str]) -> int:
+    """
+    What the history window holds for the messages ``tab`` saw (and the CLI printed as
+    ``lines``): each text, its plain frame and its JSON frame (payload and framed copy).
+    """
+    messages = [f for f in tab.frames if json.loads(f)["type"] == "message"]
+    total = 0
+    for frame, line in zip(messages, lines, strict=True):
+        total += len(json.loads(frame)["text"].encode())
+        for payload in (line.encode(), frame.encode()):
+            total += len(payload) + len(serverFrame(payload))
+    return total
+
+
 def test_two_pages_and_cli_client_chat(browser, liveDaemon, tmp_path):
     """Two pages and the CLI client share the room both ways; markup shows as text; counted."""
     a = Tab(browser, liveDaemon.httpURL)
@@ -201,6 +217,9 @@ def test_two_pages_and_cli_client_chat(browser, liveDaemon, tmp_path):
             ("wschat_frames_delivered_total", ()): 15,
             ("wschat_sent_bytes_total", ()): expectedBytes,
             ("wschat_clients_dropped_total", ()): 0,
+            ("wschat_history_messages", ()): 3,
+            ("wschat_history_bytes", ()): historyBytes(a, cli.output.seen[1:]),
+            ("wschat_messages_deduplicated_total", ()): 0,
         }
 
         # The terminal leaves (end of input: close 1000); the pages hear it.
@@ -223,6 +242,9 @@ def test_two_pages_and_cli_client_chat(browser, liveDaemon, tmp_path):
             ("wschat_frames_delivered_total", ()): 17,
             ("wschat_sent_bytes_total", ()): expectedBytes,
             ("wschat_clients_dropped_total", ()): 0,
+            ("wschat_history_messages", ()): 3,
+            ("wschat_history_bytes", ()): historyBytes(a, cli.output.seen[1:]),
+            ("wschat_messages_deduplicated_total", ()): 0,
         }
     finally:
         cli.kill()

@@ -12,13 +12,26 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from wschat.client import ChatClientFactory, ChatSession, Options, StdinLines
+from wschat.client import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    MAX_MESSAGE_SIZE_HEADER,
+    ChatClientFactory,
+    ChatClientProtocol,
+    ChatSession,
+    Options,
+    StdinLines,
+    escapeLine,
+    unescapeLine,
+)
+from wschat.limits import Limits
+from wschat.protocol import MAX_MESSAGE_SIZE_HEADER as SERVER_HEADER
 
 
 class FakeConnection:
     """Stands in for an open ChatClientProtocol."""
 
     state = WebSocketProtocol.STATE_OPEN
+    maxMessageSize = DEFAULT_MAX_MESSAGE_SIZE
 
     def __init__(self, factory: ChatClientFactory) -> None:
         self.factory = factory
@@ -59,6 +72,13 @@ class FakeInput:
         self.transport = FakeStdio()
 
 
+class FakeResponse:
+    """Stands in for Autobahn's ConnectionResponse: its headers, names in lower case."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
+
+
 class FakeConnector:
     def __init__(self) -> None:
         self.attempts = 0
@@ -67,13 +87,18 @@ class FakeConnector:
         self.attempts += 1
 
 
-def makeSession(maxPending: int = 1000) -> tuple[ChatSession, ChatClientFactory, list[str], Clock]:
+def makeSession(
+    maxPending: int = 1000, **options: bool
+) -> tuple[ChatSession, ChatClientFactory, list[str], Clock]:
     clock = Clock()
     status: list[str] = []
-    session = ChatSession(clock, status.append, maxPending=maxPending)
+    session = ChatSession(clock, status.append, maxPending=maxPending, **options)
     factory = ChatClientFactory("ws://127.0.0.1:2000", session, reactor=clock)
     factory.jitter = 0
     return session, factory, status, clock
+
+
+REFUSED = "connection to ws://127.0.0.1:2000 refused"
 
 
 def refused() -> Failure:
@@ -115,6 +140,107 @@ class SessionTests(SynchronousTestCase):
         session.received(b"127.0.0.1:1: hi", False)
         session.received(b"\x00\x01", True)
         self.assertEqual(stdin.transport.written, [b"127.0.0.1:1: hi\n", b"<2 bytes binary>\n"])
+
+    def test_control_characters_escaped(self) -> None:
+        """A message with LF, CR and ESC is printed as one line with them escaped."""
+        session, _, _, _ = makeSession()
+        stdin = FakeInput()
+        session.attachInput(stdin)  # type: ignore[arg-type]
+        session.received(b"1.2.3.4:5: hello\n127.0.0.1:1: I am the admin\r\x1b[31m", False)
+        self.assertEqual(
+            stdin.transport.written,
+            [b"1.2.3.4:5: hello\\n127.0.0.1:1: I am the admin\\r\\x1b[31m\n"],
+        )
+
+    def test_raw_output(self) -> None:
+        """With rawOutput the message's exact bytes are printed."""
+        session, _, _, _ = makeSession(rawOutput=True)
+        stdin = FakeInput()
+        session.attachInput(stdin)  # type: ignore[arg-type]
+        session.received(b"a\\b\r\x1b", False)
+        session.received(b"\x00", True)
+        self.assertEqual(stdin.transport.written, [b"a\\b\r\x1b\n", b"<1 byte binary>\n"])
+
+    def test_notice_goes_to_status(self) -> None:
+        """The daemon's ``wschat: `` notice is a status line, not output, and means exit 3."""
+        session, factory, status, _ = makeSession()
+        stdin = FakeInput()
+        session.attachInput(stdin)  # type: ignore[arg-type]
+        session.received(b"wschat: message not delivered: bus down\x1b", False)
+        self.assertEqual(stdin.transport.written, [])
+        self.assertEqual(status, ["message not delivered: bus down\\x1b"])
+        session.finish(0)
+        self.assertEqual(session.exitCode, 3)
+
+    def test_line_over_the_connections_limit_refused(self) -> None:
+        """A line longer than the room's limit is reported and skipped; the next one is sent."""
+        session, factory, status, _ = makeSession()
+        connection = FakeConnection(factory)
+        connection.maxMessageSize = 5
+        session.connected(connection)  # type: ignore[arg-type]
+        session.send("short")
+        session.send("toolong")
+        session.send("ok")
+        self.assertEqual(connection.sent, [b"short", b"ok"])
+        self.assertEqual(status[-1], "line of 7 bytes not sent: the room accepts at most 5 bytes")
+        session.inputEnded()
+        session.disconnected(connection, 1000, None)  # type: ignore[arg-type]
+        self.assertEqual(session.exitCode, 3)
+        self.assertEqual(status[-1], "1 line not sent or not delivered")
+
+    def test_limit_read_from_handshake(self) -> None:
+        """The client takes the room's limit from the handshake header, else the default."""
+        self.assertEqual(MAX_MESSAGE_SIZE_HEADER, SERVER_HEADER.lower())
+        self.assertEqual(DEFAULT_MAX_MESSAGE_SIZE, Limits().maxMessageSize)
+        for headers, expected in (
+            ({MAX_MESSAGE_SIZE_HEADER: "100"}, 100),
+            ({}, DEFAULT_MAX_MESSAGE_SIZE),
+            ({MAX_MESSAGE_SIZE_HEADER: "nonsense"}, DEFAULT_MAX_MESSAGE_SIZE),
+        ):
+            protocol = ChatClientProtocol()
+            protocol.onConnect(FakeResponse(headers))  # type: ignore[arg-type]
+            self.assertEqual(protocol.maxMessageSize, expected)
+
+    def test_close_code_reported_and_error_codes_mean_exit_3(self) -> None:
+        """Every close code the room sends is reported; one other than 1000/1001 means exit 3."""
+        session, factory, status, _ = makeSession()
+        connection = FakeConnection(factory)
+        session.connected(connection)  # type: ignore[arg-type]
+        session.disconnected(connection, 1001, "going away")  # type: ignore[arg-type]
+        self.assertEqual(status[-1], "closed with code 1001: going away")
+        self.assertEqual(session.notDelivered, 0)
+        session.connected(connection)  # type: ignore[arg-type]
+        session.disconnected(connection, 1009, "too big\r")  # type: ignore[arg-type]
+        self.assertEqual(status[-1], "closed with code 1009: too big\\r")
+        session.finish(0)
+        self.assertEqual(session.exitCode, 3)
+
+    def test_lost_with_lines_unconfirmed_means_exit_3(self) -> None:
+        """A connection lost without a closing handshake after lines were sent: exit 3."""
+        session, factory, status, _ = makeSession()
+        connection = FakeConnection(factory)
+        session.connected(connection)  # type: ignore[arg-type]
+        session.disconnected(connection, 1006, None)  # type: ignore[arg-type]
+        self.assertEqual(session.notDelivered, 0)
+        session.connected(connection)  # type: ignore[arg-type]
+        session.send("maybe lost")
+        session.disconnected(connection, 1006, None)  # type: ignore[arg-type]
+        self.assertEqual(session.notDelivered, 1)
+        self.assertIn("before the room confirmed", status[-1])
+
+    def test_listen_only_ignores_input(self) -> None:
+        """Listen-only: standard input is paused at once, and its end does not end the session."""
+        session, factory, _, _ = makeSession(listenOnly=True)
+        stdin = FakeInput()
+        session.attachInput(stdin)  # type: ignore[arg-type]
+        self.assertTrue(stdin.transport.paused)
+        session.inputEnded()
+        connection = FakeConnection(factory)
+        session.connected(connection)  # type: ignore[arg-type]
+        self.assertTrue(stdin.transport.paused)
+        self.assertEqual(connection.closes, [])
+        self.assertNoResult(session.done)
+        self.assertTrue(factory.continueTrying)
 
     def test_end_of_input_while_connected(self) -> None:
         """End of input closes with 1000, stops retrying, and exits 0 once closed."""
@@ -185,6 +311,9 @@ class InputSession:
     def status(self, text: str) -> None:
         self.statuses.append(text)
 
+    def lineRefused(self, text: str) -> None:
+        self.statuses.append(text)
+
     def inputEnded(self) -> None:
         self.ended = True
 
@@ -203,7 +332,7 @@ def stdinLines(session: InputSession, *chunks: bytes, end: bool = False) -> Stdi
 
 
 class StdinLinesTests(SynchronousTestCase):
-    TOO_LONG = "input line longer than 10 bytes ignored"
+    TOO_LONG = "input line longer than 10 bytes not sent"
 
     def test_lines_and_last_line_without_newline(self) -> None:
         """Lines end with LF or CRLF; at end of input an unfinished last line is still sent."""
@@ -276,6 +405,45 @@ class BackoffTests(SynchronousTestCase):
         self.successResultOf(session.done)
         self.assertEqual(session.exitCode, 1)
 
+    def test_backoff_capped_at_10_seconds(self) -> None:
+        """The retry delay grows to 10 s and no further, with jitter kept below the cap."""
+        session, factory, status, clock = makeSession()
+        connector = FakeConnector()
+        for _ in range(12):
+            factory.clientConnectionFailed(connector, refused())  # type: ignore[arg-type]
+            clock.advance(60)
+        self.assertEqual(
+            status[-1], "connection to ws://127.0.0.1:2000 refused; retrying in 10.0 s"
+        )
+        factory.jitter = ChatClientFactory.jitter
+        self.assertGreater(factory.jitter, 0)
+        delays = set()
+        for _ in range(20):
+            factory.clientConnectionFailed(connector, refused())  # type: ignore[arg-type]
+            (call,) = clock.getDelayedCalls()
+            delay = call.getTime() - clock.seconds()
+            delays.add(delay)
+            self.assertTrue(status[-1].endswith(f"; retrying in {delay:.1f} s"), status[-1])
+            clock.advance(60)
+        self.assertLessEqual(max(delays), 10)
+        self.assertGreater(len(delays), 1)
+
+    def test_plurals(self) -> None:
+        """One retry is 'after 1 retry'."""
+        session, factory, status, clock = makeSession()
+        factory.maxRetries = 1
+        connector = FakeConnector()
+        for _ in range(2):
+            factory.clientConnectionFailed(connector, refused())  # type: ignore[arg-type]
+            clock.advance(60)
+        self.assertEqual(
+            status[-1], "connection to ws://127.0.0.1:2000 refused; giving up after 1 retry"
+        )
+
+    def test_twisted_does_not_log_retries(self) -> None:
+        """The factory is not noisy: Twisted adds no retry lines of its own."""
+        self.assertFalse(ChatClientFactory.noisy)
+
     def test_other_failures_are_named(self) -> None:
         """A failure other than refusal is reported with its own message."""
         session, factory, status, clock = makeSession()
@@ -304,12 +472,37 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual((options["secure"], options["host"]), (True, "chat.example.com"))
 
     def test_errors(self) -> None:
-        """Bad URLs, ports and counts are usage errors."""
-        for args in (
-            ["--url", "http://x"],
-            ["--url", "ws://x", "--port", "1"],
-            ["--port", "0"],
-            ["--max-retries", "-1"],
-            ["--queue-size", "0"],
+        """Bad URLs, ports and counts are usage errors naming the option and what it takes."""
+        for args, message in (
+            (["--url", "http://x"], "--url takes a ws:// or wss:// URL, not 'http://x'"),
+            (["--url", "ws://x", "--port", "1"], "give --url or --port, not both"),
+            (["--port", "0"], "--port takes a whole number from 1 to 65535, not '0'"),
+            (["--port", "abc"], "--port takes a whole number from 1 to 65535, not 'abc'"),
+            (["--max-retries", "-1"], "--max-retries takes a whole number of 0 or more, not '-1'"),
+            (["--queue-size", "0"], "--queue-size takes a whole number of 1 or more, not '0'"),
         ):
-            self.assertRaises(usage.UsageError, parse, *args)
+            error = self.assertRaises(usage.UsageError, parse, *args)
+            self.assertTrue(str(error).startswith(message), str(error))
+
+    def test_flags(self) -> None:
+        """--listen-only (-l) and --raw-output are off unless given."""
+        self.assertEqual((parse()["listen-only"], parse()["raw-output"]), (0, 0))
+        options = parse("-l", "--raw-output", "--max-retries", "3")
+        self.assertEqual((options["listen-only"], options["raw-output"]), (1, 1))
+        self.assertEqual(options["max-retries"], 3)
+
+
+class EscapingTests(SynchronousTestCase):
+    def test_scheme(self) -> None:
+        """Backslash, LF, CR, TAB have short escapes; other C0, DEL and C1 are \\xHH."""
+        self.assertEqual(
+            escapeLine("a\\b\nc\rd\te\x00\x1b\x7f\x85é€"),
+            "a\\\\b\\nc\\rd\\te\\x00\\x1b\\x7f\\x85é€",
+        )
+
+    def test_reversible(self) -> None:
+        """Unescaping gives back the exact text, whatever it held."""
+        for text in ("", "plain", "\\n literal", "\\x41", "".join(map(chr, range(0x100)))):
+            escaped = escapeLine(text)
+            self.assertNotRegex(escaped, "[\x00-\x1f\x7f-\x9f]")
+            self.assertEqual(unescapeLine(escaped), text)

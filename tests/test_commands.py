@@ -81,7 +81,7 @@ async def test_max_retries_gives_up(processes):
     """--max-retries: after that many refused attempts the client exits with status 1."""
     alice = client(processes, "--port", str(freePort()), "--max-retries", "1")
     assert await alice.ended == 1
-    assert any("giving up after 1 retries" in line for line in alice.lines["err"])
+    assert any("giving up after 1 retry" in line for line in alice.lines["err"])
 
 
 @pytest.mark.parametrize(
@@ -90,11 +90,11 @@ async def test_max_retries_gives_up(processes):
 )
 @pytest_twisted.ensureDeferred
 async def test_usage_errors(processes, args):
-    """A malformed URL or option gives a usage message and exit status 2."""
+    """A malformed URL or option gives a one-line usage error, a hint, and exit status 2."""
     bad = client(processes, *args)
     assert await bad.ended == 2
-    assert any("error:" in line for line in bad.lines["err"])
-    assert any("Usage:" in line for line in bad.lines["err"])
+    (line,) = bad.lines["err"]
+    assert line.startswith("wschat.client: error: ") and line.endswith("(try --help)"), line
 
 
 @pytest_twisted.ensureDeferred

@@ -139,14 +139,26 @@ class History:
         """
         if position.epoch != self.epoch or position.seq != self.head + 1:
             self._restart(position.epoch)
+            self.head = position.seq - 1
+        return self.appendNext(message, when)
+
+    def appendNext(self, message: Message, when: float) -> Entry:
+        """
+        Add ``message`` at :meth:`nextPosition` (what ``append(nextPosition(), ...)`` does,
+        for a room that numbers its own messages, without building the position).
+        """
         now = self._clock()
-        entry = Entry(position.seq, message, when, now)
-        self._entries.append(entry)
-        self.head = position.seq
+        seq = self.head = self.head + 1
+        entry = Entry(seq, message, when, now)
+        entries = self._entries
+        entries.append(entry)
         self.bytes += entry.size
         if message.id is not None:
             self._ids[message.id] = entry
-        self._trim(now)
+        if len(entries) > self.maxCount or self.bytes > self.maxBytes:
+            self._trim(now)
+        elif entries[0].arrived < now - self.maxAge:
+            self._trim(now)
         return entry
 
     def _restart(self, epoch: str) -> None:

@@ -51,6 +51,9 @@ _OPEN = WebSocketProtocol.STATE_OPEN
 #: The most a history replay writes to one connection in one reactor turn.
 _REPLAY_CHUNK = 64 * 1024
 
+#: Handshake response header naming ``--max-message-size`` in bytes.
+MAX_MESSAGE_SIZE_HEADER = "X-WSChat-Max-Message-Size"
+
 #: HTTP status for a handshake past ``--max-connections-per-ip``.
 HTTP_TOO_MANY_REQUESTS = 429
 
@@ -149,7 +152,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
         # cycle that only a full garbage collection frees, so let go of the transport now.
         self.transport = None
 
-    def onConnect(self, request: ConnectionRequest) -> str | None:
+    def onConnect(self, request: ConnectionRequest) -> tuple[str | None, dict[str, str]]:
         assert self.transport is not None
         server = self.factory.chatServer
         if server.shuttingDown:
@@ -163,11 +166,13 @@ class ChatServerProtocol(WebSocketServerProtocol):
         self.address = senderAddress(peer, client)
         self._askHistory()
         self._admit(client or peer)
+        # Clients learn the largest message accepted, so they can refuse longer ones themselves.
+        answer = {MAX_MESSAGE_SIZE_HEADER: str(server.limits.maxMessageSize)}
         if JSON_SUBPROTOCOL in request.protocols:
             self.format = Format.JSON
-            return JSON_SUBPROTOCOL
+            return JSON_SUBPROTOCOL, answer
         self.format = server.room.format
-        return None
+        return None, answer
 
     def _askHistory(self) -> None:
         """

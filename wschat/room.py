@@ -238,12 +238,13 @@ class Room:
     ) -> None:
         stamp = self._now() if when is None else when
         if position is None:
-            position = history.nextPosition()
-        entry = history.append(position, message, stamp)
+            entry = history.appendNext(message, stamp)
+        else:
+            entry = history.append(position, message, stamp)
         frames = size = 0
         for fmt, group in tuple(self._groups.items()):
             if fmt is Format.JSON:
-                payload = jsonMessage(message, stamp, position.epoch, position.seq)
+                payload = jsonMessage(message, stamp, history.epoch, entry.seq)
                 frame = self._prepare(payload, False)
                 history.cacheFrame(entry, frame, True, evict=True)
             else:

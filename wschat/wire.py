@@ -14,8 +14,8 @@ Formats (chosen per daemon with ``--format``):
 
 ``json`` (per connection, never a daemon's ``--format``)
     A client that offers the WebSocket subprotocol ``wschat.json`` receives JSON objects
-    (messages, its welcome, join and leave events) whatever the daemon's format; see
-    :func:`jsonMessage` and the README's "JSON subprotocol" section.
+    (messages, its welcome, join and leave events) whatever the daemon's format, and may send
+    commands (:func:`parseCommand`); see docs/protocol.md, section 4.
 """
 
 from __future__ import annotations
