@@ -59,12 +59,12 @@ class Tab:
         self,
         browser: Browser,
         url: str,
-        routeSockets: Callable[[WebSocketRoute], None] | None = None,
+        prepare: Callable[[Page], object] | None = None,
         **contextOptions,
     ) -> None:
         self.page: Page = browser.new_context(**contextOptions).new_page()
-        if routeSockets is not None:
-            self.page.route_web_socket(re.compile(".*"), routeSockets)
+        if prepare is not None:
+            prepare(self.page)
         self.frames: list[str] = []
         self.sent: list[str] = []
         self.sockets: list[WebSocket] = []
@@ -510,7 +510,11 @@ def test_page_shows_a_message_once_and_takes_duplicate_as_delivered(browser, liv
     answer for a pending message marks it delivered where it stands; a ``notice`` shows.
     """
     interposer = Interposer()
-    tab = Tab(browser, liveDaemon.httpURL, routeSockets=interposer)
+    tab = Tab(
+        browser,
+        liveDaemon.httpURL,
+        prepare=lambda page: page.route_web_socket(re.compile(".*"), interposer),
+    )
     cli = ClientProcess(liveDaemon.url, cwd=tmp_path)
     try:
         assert cli.output.next() == WELCOME
@@ -556,6 +560,29 @@ def test_page_shows_a_message_once_and_takes_duplicate_as_delivered(browser, liv
         assert tab.page.locator("#log img").count() == 0
     finally:
         cli.kill()
+        tab.close()
+
+
+def test_page_ids_without_random_uuid(browser, liveDaemon):
+    """
+    Where ``crypto.randomUUID`` is missing (it needs a secure context: a page served over
+    plain http: from another host), the page's ids come from ``crypto.getRandomValues``.
+    """
+    tab = Tab(
+        browser,
+        liveDaemon.httpURL,
+        prepare=lambda page: page.add_init_script("delete Crypto.prototype.randomUUID"),
+    )
+    try:
+        assert tab.page.evaluate("typeof crypto.randomUUID") == "undefined"
+        tab.say("no uuid here")
+        expect(tab.bubbles()).to_have_text(["no uuid here"])
+        expect(tab.pending()).to_have_count(0)
+        (command,) = tab.sends("no uuid here")
+        assert re.fullmatch(r"[0-9a-f]{32}", command["id"])
+        (copy,) = tab.received("message")
+        assert copy["id"] == command["id"]
+    finally:
         tab.close()
 
 
