@@ -563,6 +563,34 @@ def test_page_shows_a_message_once_and_takes_duplicate_as_delivered(browser, liv
         tab.close()
 
 
+def test_page_rejoins_a_daemon_restarted_with_history_off(browser, liveDaemon):
+    """
+    The daemon comes back with ``--history 0``: it refuses the page's ``since``, so the page
+    rejoins without it, marks that messages may have been missed, and sends what was typed.
+    """
+    tab = Tab(browser, liveDaemon.httpURL)
+    try:
+        tab.say("with history")
+        expect(tab.bubbles()).to_have_text(["with history"])
+        expect(tab.pending()).to_have_count(0)
+        liveDaemon.stop()
+        expect(tab.state).to_have_attribute("data-state", "closed")
+        tab.say("typed while away")
+        liveDaemon.args = ["--history", "0"]
+        liveDaemon.start()
+        expect(tab.state).to_have_attribute("data-state", "open")
+        expect(tab.pending()).to_have_count(0)
+        expect(tab.page.locator("#log li:is(.msg, .divider)")).to_have_class(
+            ["msg own", "divider", "msg own"]
+        )
+        expect(tab.bubbles()).to_have_text(["with history", "typed while away"])
+        assert "?since=" in tab.sockets[-2].url
+        assert tab.sockets[-1].url == liveDaemon.url
+        assert "epoch" not in tab.received("welcome")[-1]
+    finally:
+        tab.close()
+
+
 def test_page_ids_without_random_uuid(browser, liveDaemon):
     """
     Where ``crypto.randomUUID`` is missing (it needs a secure context: a page served over

@@ -200,7 +200,8 @@
     epoch = typeof message.epoch === "string" ? message.epoch : null;
     useQuery = epoch !== null;
     if (epoch === null) {
-      // History is off: nothing to resume from.
+      // History is off: nothing to resume from, and what we had cannot be recovered.
+      if (resume !== null) showMissed();
       resume = null;
       caughtUp();
       return;
