@@ -131,6 +131,11 @@ def main() -> None:
                 str(history),
                 "--history-bytes",
                 limit,
+                # The window is filled as fast as the sender can: no inbound share.
+                "--inbound-rate",
+                "0",
+                "--inbound-bytes",
+                "0",
             ]
             proc = subprocess.Popen(command, start_new_session=True)
             try:

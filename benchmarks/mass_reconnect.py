@@ -248,18 +248,25 @@ async def bench(args: argparse.Namespace, port: int, pid: int) -> dict[str, obje
     run.allEnded = loop.create_future()
     talker.say(run.endText)
     await asyncio.wait_for(run.allEnded, args.timeout)
-    # Every log must be one contiguous run of seqs up to the end marker.
+    # Every log must be one contiguous run of seqs up to the end marker, without a repeat; a
+    # client told it did not recover (recovered: false, the outage outlasted the window) may
+    # have one hole, where it was told, and none after.
     lost = duplicated = notRecovered = 0
     for s in states:
         seqs = s.seqs
+        duplicated += len(seqs) - len(set(seqs))
+        told = any(w.get("recovered") is not True for w in s.welcomes[1:])
+        notRecovered += told
         first = int(str(s.welcomes[0]["seq"])) + 1
-        expected = seqs[-1] - first + 1
-        unique = len(set(seqs))
-        duplicated += len(seqs) - unique
-        lost += expected - unique
-        if seqs != sorted(set(seqs)) and len(seqs) == unique:
-            lost += 1  # out of order counts as a fault too
-        notRecovered += sum(1 for w in s.welcomes[1:] if w.get("recovered") is not True)
+        if told:
+            # Count holes only after the replay the daemon chose to send.
+            cut = next((i for i, q in enumerate(seqs) if q > s.atDrop), len(seqs))
+            seqs = seqs[:cut] if cut == len(seqs) else seqs[cut:]
+            first = seqs[0] if seqs else first
+        if seqs:
+            lost += (seqs[-1] - first + 1) - len(set(seqs))
+            if seqs != sorted(set(seqs)):
+                lost += 1  # out of order counts as a fault too
     missed = [int(str(s.welcomes[1]["seq"])) - s.atDrop for s in states]
     perClient = sorted(
         (s.recoveredAt or recoveredAll) - reconnecting for s in states if s.recoveredAt
@@ -294,11 +301,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=500, help="handshakes in flight")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--daemon-args", default="", help="extra twistd wschat options")
+    parser.add_argument(
+        "--twistd-args", default="", help="extra twistd options (--profile=FILE --savestats)"
+    )
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = max(soft, min(hard, 2 * args.clients + 1000))
+    # This process holds one socket per client (the daemon, a child, raises its own limit).
+    want = max(soft, min(hard, args.clients + 1000))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    if want < 2 * args.clients + 100:
+    if want < args.clients + 100:
         parser.error(f"open files limit {want} is too low for {args.clients} clients")
     port = freePort()
     with tempfile.TemporaryDirectory(prefix="wschat-reconnect-") as logdir:
@@ -307,6 +318,7 @@ def main() -> None:
             "-n",
             "--pidfile=",
             f"--logfile={logdir}/wschat.log",
+            *args.twistd_args.split(),
             "wschat",
             "--port",
             str(port),
@@ -337,14 +349,14 @@ def main() -> None:
         f"max {r['recover_max_s']:.2f} s"
     )
     print(f"  messages received in all          {r['total_messages']}")
-    print(f"  lost                              {r['lost']}")
+    print(f"  lost (a hole nobody was told of)  {r['lost']}")
     print(f"  duplicated                        {r['duplicated']}")
-    print(f"  welcomes without recovered: true  {r['not_recovered']}")
+    print(f"  told recovered: false (outage longer than the window)  {r['not_recovered']}")
     print(
         f"  daemon RSS                        {r['rss_connected_mib']:.0f} MiB connected, "
         f"{r['rss_recovered_mib']:.0f} MiB after the reconnect"
     )
-    if r["lost"] or r["duplicated"] or r["not_recovered"]:
+    if r["lost"] or r["duplicated"]:
         sys.exit(1)
 
 

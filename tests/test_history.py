@@ -391,3 +391,26 @@ class OptionTests(SynchronousTestCase):
         ]:
             e = self.assertRaises(usage.UsageError, self.parse, *args)
             self.assertIn(args[0], str(e))
+
+
+class EnvelopeIdTests(SynchronousTestCase):
+    """A message's client-chosen id crosses the Redis bus in the envelope."""
+
+    def test_roundTrip(self):
+        """The id travels as a seventh element; without one the envelope is as before."""
+        from wschat.envelope import Envelope, decodeEnvelope, encodeEnvelope
+
+        with_ = Envelope(Message("1.2.3.4:5", b"hi", id="abc"), "node", 1.5)
+        without = Envelope(Message("1.2.3.4:5", b"hi"), "node", 1.5)
+        self.assertEqual(decodeEnvelope(encodeEnvelope(with_)), with_)
+        self.assertEqual(decodeEnvelope(encodeEnvelope(without)), without)
+        self.assertEqual(len(encodeEnvelope(with_)) - len(encodeEnvelope(without)), 4)
+
+    def test_badId(self):
+        """An id that is not a string is a malformed envelope."""
+        import msgpack
+
+        from wschat.envelope import MalformedEnvelope, decodeEnvelope
+
+        data = msgpack.packb([1, "node", "a", False, 1.0, b"x", 7])
+        self.assertRaises(MalformedEnvelope, decodeEnvelope, data)

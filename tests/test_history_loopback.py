@@ -201,7 +201,18 @@ async def test_large_replay_to_a_stalled_reader_under_tiny_max_queue(daemon):
     """A client asking for 24 MB of history and not reading: paced, never dropped, all delivered."""
     count, size = 6000, 4096
     service, url = daemon(
-        *QUIET, "--max-queue", "1K", "--history", str(count), "--history-bytes", "128M"
+        *QUIET,
+        "--max-queue",
+        "1K",
+        "--history",
+        str(count),
+        "--history-bytes",
+        "128M",
+        # Filling the window quickly is the setup, not what is tested: no inbound share.
+        "--inbound-rate",
+        "0",
+        "--inbound-bytes",
+        "0",
     )
     writer = await connect(url)
     for n in range(count):

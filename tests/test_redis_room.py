@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -28,7 +29,7 @@ from wschat.redisbus import (
 from wschat.room import Room
 from wschat.server import DEFAULT_WELCOME, ChatServer
 from wschat.testing import QueueClientProtocol, bySender, closeAll, connect
-from wschat.wire import Message
+from wschat.wire import JSON_SUBPROTOCOL, Message
 
 REFUSAL = f"wschat: {REFUSED_DOWN}"
 
@@ -439,3 +440,20 @@ async def test_no_link_up_while_stopped(redis, logged):
         assert any("Redis link up" in line and "(down " in line for line in logged)
     finally:
         await bus.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_id_crosses_daemons(redis, daemon):
+    """A JSON send's id comes back on its relayed copy, on its own daemon and on the others."""
+    server = await redis()
+    (a, urlA), (b, urlB) = (daemon("--redis", server.url, "--no-message-log") for _ in range(2))
+    await allUp(a, b)
+    sender = await connect(urlA, protocols=[JSON_SUBPROTOCOL])
+    other = await connect(urlB, protocols=[JSON_SUBPROTOCOL])
+    for c in (sender, other):
+        assert json.loads(await c.nextText())["type"] == "welcome"
+    sender.sendText(json.dumps({"type": "send", "text": "once", "id": "k-1"}))
+    for c in (sender, other):
+        got = json.loads(await c.nextText())
+        assert (got["type"], got["text"], got["id"]) == ("message", "once", "k-1")
+    await closeAll([sender, other])

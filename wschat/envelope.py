@@ -9,9 +9,11 @@ build and read here, half the overhead, and binary-safe without base64::
 ``node`` (str) names the daemon that received the message from its client, ``sender`` (str) is
 that client's address as the prefix shows it, ``isBinary`` (bool) the WebSocket opcode, ``time``
 (float, seconds since the epoch) when the origin daemon received it and ``payload`` (bin) the
-message as sent. Readers of version 1 ignore any further elements, so fields can be added
-without a new version; anything else (not MessagePack, another version, wrong types, a text
-payload that is not UTF-8) is refused with :class:`MalformedEnvelope`.
+message as sent. A seventh element, ``id`` (str), is there when the sender gave its message an
+id (a JSON ``send`` command), so that the relayed copies carry it on every daemon. Readers of
+version 1 ignore any further elements, so fields can be added without a new version; anything
+else (not MessagePack, another version, wrong types, a text payload that is not UTF-8) is
+refused with :class:`MalformedEnvelope`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def encodeEnvelope(envelope: Envelope) -> bytes:
             message.isBinary,
             envelope.time,
             message.payload,
+            *(() if message.id is None else (message.id,)),
         ]
     )
     return data
@@ -70,6 +73,7 @@ def decodeEnvelope(data: bytes) -> Envelope:
     if len(fields) < 6:
         raise MalformedEnvelope(f"{len(fields)} fields, version 1 has 6")
     _, node, sender, isBinary, time, payload = fields[:6]
+    mid = fields[6] if len(fields) > 6 else None
     if not (
         isinstance(node, str)
         and isinstance(sender, str)
@@ -77,6 +81,7 @@ def decodeEnvelope(data: bytes) -> Envelope:
         and isinstance(time, int | float)
         and not isinstance(time, bool)
         and isinstance(payload, bytes)
+        and (mid is None or isinstance(mid, str))
     ):
         raise MalformedEnvelope("a field has the wrong type")
     if not isBinary:
@@ -85,4 +90,4 @@ def decodeEnvelope(data: bytes) -> Envelope:
             payload.decode("utf-8")
         except UnicodeDecodeError:
             raise MalformedEnvelope("a text payload that is not UTF-8") from None
-    return Envelope(Message(sender, payload, isBinary), node, float(time))
+    return Envelope(Message(sender, payload, isBinary, mid), node, float(time))

@@ -178,6 +178,7 @@ class ChatServer(service.MultiService):
             metrics=self.metrics,
             now=reactor.seconds,
             history=self.history,
+            clock=reactor,
         )
         # Where received messages go: this room, or (--redis) every daemon's room.
         self.bus: Bus = LocalBus(self.room)
