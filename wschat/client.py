@@ -3,9 +3,15 @@ The command-line client: ``python -m wschat.client`` sends stdin's lines to the 
 what the room says. Room messages go to stdout, one per line, control characters escaped
 (:func:`escapeLine`); status lines and the daemon's notices go to stderr.
 
-Exit status: 0 every line was sent; 1 gave up connecting (``--max-retries``); 2 usage error;
-3 some lines were refused or not delivered (too long for the room, refused by the room, or the
-room closed the connection over them).
+It speaks the ``wschat.json`` subprotocol and prints each message as a plain client of the
+room's format would, so that it can resume (:class:`ChatSession`): after a reconnect it prints
+what it missed, nothing twice, and a line sent before a drop is relayed once. The protocol is
+docs/protocol.md (sections 4 and 10).
+
+Exit status: 0 every line was sent (and, over ``wschat.json``, its relayed copy came back);
+1 gave up connecting (``--max-retries``); 2 usage error; 3 some lines were refused or not
+delivered (too long for the room, refused by the room, the room closed the connection over
+them, or lost with a connection to a room that keeps no history).
 """
 
 from __future__ import annotations
@@ -857,6 +863,9 @@ class Options(usage.Options):
         "Send each line of standard input to a wschat room and print what the room says. "
         "Room messages go to standard output, one per line with control characters escaped "
         "(\\\\ \\n \\r \\t \\xHH); status and the daemon's notices go to standard error. "
+        "After a reconnect it prints what it missed, if the room still holds it (and says so "
+        "on standard error if not), never a message twice; a line sent before a drop is "
+        "relayed once. "
         "Exit status: 0 all lines sent, 1 gave up connecting, 2 usage error, "
         "3 some lines refused or not delivered. "
         "On a terminal (standard input and output) it is interactive instead: the room scrolls "
