@@ -311,7 +311,13 @@ def obj(**fields: Any) -> bytes:
 
 def welcome(seq: int | None = 0, epoch: str = EPOCH, **fields: Any) -> bytes:
     position = {"epoch": epoch, "seq": seq} if seq is not None else {}
-    defaults = {"you": "127.0.0.1:9", "online": 1, "text": "", "format": "prefixed"}
+    defaults = {
+        "you": "127.0.0.1:9",
+        "online": 1,
+        "text": "",
+        "format": "prefixed",
+        "maxMessageSize": DEFAULT_MAX_MESSAGE_SIZE,
+    }
     return obj(type="welcome", **{**defaults, **position, **fields})
 
 
@@ -480,6 +486,18 @@ class ResumeTests(SynchronousTestCase):
         session.handshakeRefused(400, "history is off")
         self.assertEqual(status[-1], "the room refused the connection: 400 history is off")
         self.assertEqual(session.query(), "")
+
+    def test_room_without_commands_gets_text(self) -> None:
+        """A daemon whose welcome has no maxMessageSize knows no commands: lines go as text."""
+        session, factory, _, _ = makeSession()
+        hello = json.loads(welcome(None))
+        del hello["maxMessageSize"]
+        connection = self.connect(session, factory, json.dumps(hello).encode())
+        session.send("hello")
+        self.assertEqual(connection.sent, [b"hello"])
+        session.received(message(None, "hello", "127.0.0.1:9"), False)
+        session.inputEnded()
+        self.assertEqual(connection.closes, [1000])
 
     def test_line_too_long_for_an_id_sent_as_text(self) -> None:
         """A line that fits the room's limit but not with a command around it is sent as its

@@ -413,6 +413,9 @@ class ChatSession:
         # The connection may send now (JSON: welcomed, and the missed messages are in).
         self._ready = False
         self._json = False
+        # The room takes JSON commands (its welcome states maxMessageSize, as every daemon
+        # that knows commands does); an older one would relay them as text.
+        self._commands = False
         # Lines sent on this connection the room has not answered yet, oldest first; those
         # with an id, sent or waiting to be sent again, by id; those sent without one.
         self._inFlight: deque[Line] = deque()
@@ -511,13 +514,13 @@ class ChatSession:
         new id, or (a line too long to carry one) its text as is; None when it does not fit.
         """
         text = line.text.encode("utf-8")
-        if not self._json or line.id is None:
+        if not self._commands or line.id is None:
             if len(text) > limit:
                 self.lineRefused(
                     f"line of {len(text)} bytes not sent: the room accepts at most {limit} bytes"
                 )
                 return None
-            if not self._json:
+            if not self._commands:
                 return text
             mid = str(uuid.uuid4())
             data = sendCommand(line.text, mid)
@@ -604,6 +607,7 @@ class ChatSession:
     def connected(self, connection: ChatClientProtocol) -> None:
         self.connection = connection
         self._json = getattr(connection, "websocket_protocol_in_use", None) == JSON_SUBPROTOCOL
+        self._commands = False
         self.status(f"connected to {connection.factory.url}")
         if not self._json:
             # Plain: nothing to wait for.
@@ -671,6 +675,7 @@ class ChatSession:
     def _welcome(self, obj: dict[str, Any], payload: bytes) -> None:
         you, fmt, size = obj.get("you"), obj.get("format"), obj.get("maxMessageSize")
         self._you = you if isinstance(you, str) else None
+        self._commands = "maxMessageSize" in obj
         self._format = fmt if fmt in ("prefixed", "raw") else "prefixed"
         if isInteger(size) and size > 0 and self.connection is not None:
             self.connection.maxMessageSize = size
