@@ -733,13 +733,16 @@ class ChatSession:
         line.answered = True
         if line.id is not None:
             self._byId.pop(line.id, None)
-        if line in self._inFlight:
-            if line.id is None:
-                self._withoutId -= 1
-            if self._inFlight[0] is line:
-                self._inFlight.popleft()
-            else:
-                self._inFlight.remove(line)
+        inFlight = self._inFlight
+        # Answers come in the order the lines went out, but for lines sent without an id.
+        if inFlight and inFlight[0] is line:
+            inFlight.popleft()
+        elif line in inFlight:
+            inFlight.remove(line)
+        else:
+            return
+        if line.id is None:
+            self._withoutId -= 1
 
     def disconnected(
         self, connection: ChatClientProtocol, code: int | None, reason: str | None
@@ -761,14 +764,16 @@ class ChatSession:
         elif self._json and code != WebSocketProtocol.CLOSE_STATUS_CODE_NORMAL:
             # Sent again on the next connection, with the same ids, if the room keeps history
             # (it relays an id once); otherwise their fate is unknown.
-            again = [line for line in inFlight if line.id is not None and self.epoch is not None]
-            lost = len(inFlight) - len(again)
+            resumable = self.epoch is not None
+            again = [line for line in inFlight if line.id is not None and resumable]
             self.pending.extendleft(reversed(again))
-            self._forget([line for line in inFlight if line not in again])
+            lost = [line for line in inFlight if line.id is None or not resumable]
+            self._forget(lost)
             if lost:
-                self.notDelivered += lost
+                self.notDelivered += len(lost)
                 self.status(
-                    f"connection lost before the room confirmed {plural(lost, 'line')} sent on it"
+                    f"connection lost before the room confirmed {plural(len(lost), 'line')} "
+                    "sent on it"
                 )
         elif not closed and sent:
             # No closing handshake confirmed that the room read what we sent.
