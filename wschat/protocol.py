@@ -283,7 +283,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             self._log.info("New connection from {peer}", peer=self.address)
         greeting = server.greeting(self, recovered)
         if greeting:
-            self.sendMessage(greeting)
+            self._sendOwn(greeting)
             server.metrics.delivered(1, len(greeting))
         if room.replaying(self):
             self._replay()
@@ -535,6 +535,14 @@ class ChatServerProtocol(WebSocketServerProtocol):
             except Disconnected:
                 pass
 
+    def _sendOwn(self, payload: bytes) -> None:
+        """
+        Send a text message of the daemon's own (greeting, notice, duplicate). Autobahn's
+        sendMessage refuses one over --max-message-size, which bounds what clients send: a
+        JSON welcome is longer than a small limit. Uncompressed: these are short.
+        """
+        self.sendPreparedMessage(self.factory.prepareMessage(payload, doNotCompress=True))
+
     def refused(self, reason: str) -> None:
         """
         Tell this client the bus did not relay its message: the text ``wschat: <reason>``,
@@ -555,7 +563,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             # A client that sends but never reads must not grow its queue of notices either.
             if self._paused and self._overQueue(len(notice) + 2):
                 return
-            self.sendMessage(notice)
+            self._sendOwn(notice)
 
     def duplicate(self, mid: str, position: Position) -> None:
         """
@@ -568,7 +576,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             answer = jsonDuplicate(mid, position.epoch, position.seq)
             if self._paused and self._overQueue(len(answer) + 2):
                 return
-            self.sendMessage(answer)
+            self._sendOwn(answer)
 
     def goAway(self) -> Deferred[None]:
         """
