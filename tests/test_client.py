@@ -21,8 +21,6 @@ from wschat.client import (
     ChatSession,
     Options,
     StdinLines,
-    escapeLine,
-    unescapeLine,
 )
 from wschat.limits import Limits
 from wschat.protocol import MAX_MESSAGE_SIZE_HEADER as SERVER_HEADER
@@ -710,19 +708,3 @@ class OptionsTests(SynchronousTestCase):
         options = parse("-l", "--raw-output", "--max-retries", "3")
         self.assertEqual((options["listen-only"], options["raw-output"]), (1, 1))
         self.assertEqual(options["max-retries"], 3)
-
-
-class EscapingTests(SynchronousTestCase):
-    def test_scheme(self) -> None:
-        """Backslash, LF, CR, TAB have short escapes; other C0, DEL and C1 are \\xHH."""
-        self.assertEqual(
-            escapeLine("a\\b\nc\rd\te\x00\x1b\x7f\x85é€"),
-            "a\\\\b\\nc\\rd\\te\\x00\\x1b\\x7f\\x85é€",
-        )
-
-    def test_reversible(self) -> None:
-        """Unescaping gives back the exact text, whatever it held."""
-        for text in ("", "plain", "\\n literal", "\\x41", "".join(map(chr, range(0x100)))):
-            escaped = escapeLine(text)
-            self.assertNotRegex(escaped, "[\x00-\x1f\x7f-\x9f]")
-            self.assertEqual(unescapeLine(escaped), text)

@@ -1,7 +1,7 @@
 """
 The command-line client: ``python -m wschat.client`` sends stdin's lines to the room and prints
 what the room says. Room messages go to stdout, one per line, control characters escaped
-(:func:`escapeLine`); status lines and the daemon's notices go to stderr.
+(:func:`wschat.escaping.escapeControls`); status lines and the daemon's notices go to stderr.
 
 It speaks the ``wschat.json`` subprotocol and prints each message as a plain client of the
 room's format would, so that it can resume (:class:`ChatSession`): after a reconnect it prints
@@ -50,6 +50,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from wschat.escaping import escapeControls
 from wschat.limits import Limits
 from wschat.wire import JSON_SUBPROTOCOL, BadCommand, parseCommand
 
@@ -90,28 +91,6 @@ _TLS_RECORDS = (0x15, 0x16)
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
     """``1 line``, ``2 lines``."""
     return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
-
-
-_SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_NEEDS_ESCAPE = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\\\]")
-_ESCAPE = re.compile(r"\\(x[0-9a-f]{2}|[\\nrt])")
-_UNESCAPES = {"\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
-
-
-def escapeLine(text: str) -> str:
-    """
-    ``text`` on one line, safe for a terminal: backslash becomes ``\\\\``; LF, CR and TAB
-    become ``\\n``, ``\\r``, ``\\t``; every other C0 control, DEL and C1 control (U+0000-U+001F,
-    U+007F-U+009F) becomes ``\\xHH`` (two lowercase hex digits). :func:`unescapeLine` undoes it.
-    """
-    return _NEEDS_ESCAPE.sub(
-        lambda m: _SHORT_ESCAPES.get(m.group(), f"\\x{ord(m.group()):02x}"), text
-    )
-
-
-def unescapeLine(line: str) -> str:
-    """The text that :func:`escapeLine` turned into ``line``."""
-    return _ESCAPE.sub(lambda m: _UNESCAPES.get(m.group(1)) or chr(int(m.group(1)[1:], 16)), line)
 
 
 class ChatClientProtocol(WebSocketClientProtocol):
@@ -443,7 +422,7 @@ class ChatSession:
         elif self.rawOutput:
             self._write(payload + b"\n")
         else:
-            self._write(escapeLine(payload.decode("utf-8", "replace")).encode("utf-8") + b"\n")
+            self._write(escapeControls(payload.decode("utf-8", "replace")).encode("utf-8") + b"\n")
 
     def showObject(self, obj: dict[str, Any], payload: bytes) -> None:
         """
@@ -468,7 +447,7 @@ class ChatSession:
 
     def showClose(self, code: int, reason: str | None) -> None:
         """The close code (and reason) the room closed the connection with."""
-        self.status(f"closed with code {code}" + (f": {escapeLine(reason)}" if reason else ""))
+        self.status(f"closed with code {code}" + (f": {escapeControls(reason)}" if reason else ""))
 
     # -- standard input and output
 
@@ -595,12 +574,12 @@ class ChatSession:
 
     def handshakeRefused(self, code: int, reason: str) -> None:
         """The room answered the opening handshake with HTTP ``code`` and ``reason``."""
-        self.status(f"the room refused the connection: {code} {escapeLine(reason)}")
+        self.status(f"the room refused the connection: {code} {escapeControls(reason)}")
         if code == 400 and self._asked:
             # The room keeps no history (--history 0), or took our position for malformed:
             # connect without asking for any.
             if self.epoch is not None:
-                self.status(f"some messages may have been missed ({escapeLine(reason)})")
+                self.status(f"some messages may have been missed ({escapeControls(reason)})")
             self.epoch = None
             self._welcomed = True
 
@@ -637,7 +616,7 @@ class ChatSession:
         elif not isBinary and payload.startswith(NOTICE_PREFIX):
             # The daemon did not relay a message of ours.
             self.notDelivered += 1
-            self.status(escapeLine(payload[len(NOTICE_PREFIX) :].decode("utf-8", "replace")))
+            self.status(escapeControls(payload[len(NOTICE_PREFIX) :].decode("utf-8", "replace")))
         else:
             self.showMessage(payload, isBinary)
 
@@ -665,7 +644,7 @@ class ChatSession:
             if self._inFlight:
                 self._answered(self._inFlight[0])
             self.notDelivered += 1
-            self.status(escapeLine(str(obj.get("text", ""))))
+            self.status(escapeControls(str(obj.get("text", ""))))
         elif kind in ("join", "leave"):
             self.showObject(obj, payload)
         # Other types are for newer clients.

@@ -28,10 +28,10 @@ from wschat.closing import (
     UNSUPPORTED_DATA,
     closeWith,
 )
+from wschat.escaping import escapeControls
 from wschat.handshake import forwardedClient, senderAddress
 from wschat.history import BadQuery, Position, parseQuery
 from wschat.limits import InboundBudget, Limits, TokenBucket, hostKey
-from wschat.logtext import escapeLogText
 from wschat.metrics import REFUSED_BINARY, REFUSED_COMMAND, REFUSED_RATE_LIMIT, REFUSED_RELAY
 from wschat.wire import (
     JSON_SUBPROTOCOL,
@@ -473,7 +473,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
                 peer=self.address,
                 code=code,
                 # The client chose it: escaped, as all client text in the log.
-                reason=escapeLogText(reason or ""),
+                reason=escapeControls(reason or ""),
                 wasClean=wasClean,
             )
 
@@ -609,7 +609,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             self._log.info(
                 "From client {peer}: {text}",
                 peer=self.address,
-                text=escapeLogText(payload.decode("utf-8")),
+                text=escapeControls(payload.decode("utf-8")),
             )
 
     def failHandshake(
@@ -617,7 +617,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
     ) -> None:
         # Autobahn logs the reason and answers it as the HTTP status text; reasons quote what
         # the client sent (its Origin, method, request line): escaped, for both.
-        super().failHandshake(escapeLogText(reason), code, responseHeaders)
+        super().failHandshake(escapeControls(reason), code, responseHeaders)
 
 
 class ChatServerFactory(WebSocketServerFactory):
