@@ -21,9 +21,9 @@ import tempfile
 import urllib.request
 
 from children import freePort, stop, waitListening
-from mass_reconnect import JSON_HEADER, TWISTD, Frames, rssKiB
+from mass_reconnect import JSON_HEADER, TWISTD, rssKiB
 
-from wschat.bench.frames import OP_TEXT, clientFrame, handshakeResponse, openingHandshake
+from wschat.bench.frames import OP_TEXT, Frames, clientFrame, handshakeResponse, openingHandshake
 
 CASES = [
     # (--history, --history-bytes, payload bytes, messages sent)
