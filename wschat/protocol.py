@@ -187,6 +187,14 @@ class ChatServerProtocol(WebSocketServerProtocol):
         # cycle that only a full garbage collection frees, so let go of the transport now.
         self.transport = None
 
+    def unregisterProducer(self) -> None:
+        # Autobahn unregisters on every drop, also from a timer (ping timeout) that runs after
+        # the connection is gone: txaio runs a bucket of over 1000 timers in chunks, and a
+        # timer of a later chunk cancelled in connectionLost runs anyway. Gone, there is no
+        # transport (connectionLost let go of it) and nothing to unregister.
+        if self.transport is not None:
+            super().unregisterProducer()
+
     def onConnect(self, request: ConnectionRequest) -> tuple[str | None, dict[str, str]]:
         assert self.transport is not None
         server = self.factory.chatServer
