@@ -68,6 +68,9 @@ READ_SLICE = 512
 #: message, or an empty last fragment); endless empty fragments are an attack (1008).
 MAX_EMPTY_FRAMES = 8
 
+#: A connection with no ``maxMessagePayloadSize`` of its own (the factory's class attribute).
+_NO_LIMIT_SET = object()
+
 
 @implementer(IPushProducer)
 class ChatServerProtocol(WebSocketServerProtocol):
@@ -542,6 +545,29 @@ class ChatServerProtocol(WebSocketServerProtocol):
                 self.sendPreparedMessage(frame)
             except Disconnected:
                 pass
+
+    def sendMessage(
+        self,
+        payload: bytes,
+        isBinary: bool = False,
+        fragmentSize: int | None = None,
+        sync: bool = False,
+        doNotCompress: bool = False,
+    ) -> None:
+        # --max-message-size bounds what clients send. Autobahn holds what this side sends to
+        # the same option, and would refuse (PayloadExceededError) the server's own messages
+        # under a small limit: the greeting, a JSON welcome, a notice and, with compression,
+        # every relayed message. Lifted for the send, restored before anything is read again.
+        own = self.__dict__.pop("maxMessagePayloadSize", _NO_LIMIT_SET)
+        self.maxMessagePayloadSize = 0
+        try:
+            super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)
+        finally:
+            if own is _NO_LIMIT_SET:
+                # The factory's value, shared by all connections (wschat.lean), shows again.
+                del self.maxMessagePayloadSize
+            else:
+                self.maxMessagePayloadSize = own
 
     def refused(self, reason: str) -> None:
         """
