@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +30,7 @@ __all__ = [
     "listeningPort",
     "openWebSocket",
     "processes",
+    "quietTwistd",
     "rawConnect",
     "spawnTwistd",
     "stop",
@@ -54,6 +55,32 @@ async def openWebSocket(
         done, buf = handshakeResponse(buf + chunk)
         if done:
             return reader, writer, buf
+
+
+def quietTwistd(
+    port: int, logdir: str, daemonArgs: Sequence[str] = (), twistdArgs: Sequence[str] = ()
+) -> list[str]:
+    """
+    The command of ``twistd -n wschat`` on ``port``, logging to ``logdir``: no greeting, no log
+    line per message or connection, no pings; then ``daemonArgs``.
+    """
+    return [
+        findExecutable("twistd"),
+        "-n",
+        "--pidfile=",
+        f"--logfile={logdir}/wschat.log",
+        *twistdArgs,
+        "wschat",
+        "--port",
+        str(port),
+        "--welcome",
+        "",
+        "--no-message-log",
+        "--no-connection-log",
+        "--ping-interval",
+        "0",
+        *daemonArgs,
+    ]
 
 
 def waitListening(port: int, process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:

@@ -22,11 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from children import findExecutable, freePort, stop, waitListening
+from children import freePort, quietTwistd, stop, waitListening
 
 from wschat.bench.frames import OP_TEXT, Frames, clientFrame, handshakeResponse, openingHandshake
 
-TWISTD = findExecutable("twistd")
 JSON_HEADER = "Sec-WebSocket-Protocol: wschat.json"
 PRESENCE = (b'{"type":"join"', b'{"type":"leave"')
 
@@ -280,23 +279,9 @@ def main() -> None:
         parser.error(f"open files limit {want} is too low for {args.clients} clients")
     port = freePort()
     with tempfile.TemporaryDirectory(prefix="wschat-reconnect-") as logdir:
-        command = [
-            TWISTD,
-            "-n",
-            "--pidfile=",
-            f"--logfile={logdir}/wschat.log",
-            *args.twistd_args.split(),
-            "wschat",
-            "--port",
-            str(port),
-            "--welcome",
-            "",
-            "--no-message-log",
-            "--no-connection-log",
-            "--ping-interval",
-            "0",
-            *args.daemon_args.split(),
-        ]
+        command = quietTwistd(
+            port, logdir, args.daemon_args.split(), twistdArgs=args.twistd_args.split()
+        )
         proc = subprocess.Popen(command, start_new_session=True)
         try:
             waitListening(port, proc, 30)
