@@ -1,16 +1,18 @@
 """
 Child processes for the benchmark drivers: for ``compare.py`` and ``redis_fanout.py``, a free
 port to start one on, waiting until it listens, and stopping it; for ``slow_reader.py``, which
-runs under the reactor, the test tree's ``twistd`` watcher and raw TCP client.
+runs under the reactor, the test tree's ``twistd`` watcher and raw TCP client; for the asyncio
+drivers (``flood.py``, ``fragments.py``), a raw WebSocket connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,17 +21,66 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from childprocess import findExecutable, freePort, listeningPort, spawnTwistd  # noqa: E402
 from rawws import RawClient, rawConnect  # noqa: E402
 
+from wschat.bench.frames import handshakeRequest, handshakeResponse  # noqa: E402
+
 __all__ = [
     "RawClient",
     "findExecutable",
     "freePort",
     "listeningPort",
+    "openWebSocket",
     "processes",
+    "quietTwistd",
     "rawConnect",
     "spawnTwistd",
     "stop",
     "waitListening",
 ]
+
+
+async def openWebSocket(
+    port: int, host: str = "127.0.0.1"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """
+    Connect to ``host``:``port`` and complete the opening handshake for ``/``; returns the
+    streams and what the server sent after its response (the first frames).
+    """
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(handshakeRequest(host, port, "/"))
+    buf = b""
+    while True:
+        chunk = await reader.read(65536)
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        done, buf = handshakeResponse(buf + chunk)
+        if done:
+            return reader, writer, buf
+
+
+def quietTwistd(
+    port: int, logdir: str, daemonArgs: Sequence[str] = (), twistdArgs: Sequence[str] = ()
+) -> list[str]:
+    """
+    The command of ``twistd -n wschat`` on ``port``, logging to ``logdir``: no greeting, no log
+    line per message or connection, no pings; then ``daemonArgs``.
+    """
+    return [
+        findExecutable("twistd"),
+        "-n",
+        "--pidfile=",
+        f"--logfile={logdir}/wschat.log",
+        *twistdArgs,
+        "wschat",
+        "--port",
+        str(port),
+        "--welcome",
+        "",
+        "--no-message-log",
+        "--no-connection-log",
+        "--ping-interval",
+        "0",
+        *daemonArgs,
+    ]
 
 
 def waitListening(port: int, process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:

@@ -22,45 +22,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from children import freePort, processes, waitListening
+from children import freePort, openWebSocket, processes, waitListening
 
-from wschat.bench.frames import clientFrame, handshakeRequest, handshakeResponse
+from wschat.bench.frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, Frames, clientFrame
 from wschat.bench.stats import processCpuSeconds, processRssBytes
-
-OP_TEXT, OP_CLOSE, OP_PING, OP_PONG = 1, 8, 9, 10
-
-
-class Frames:
-    """Splits unmasked server frames out of a byte stream."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        self.buf += data
-        out = []
-        buf = self.buf
-        i = 0
-        while len(buf) - i >= 2:
-            opcode = buf[i] & 0x0F
-            n = buf[i + 1] & 0x7F
-            j = i + 2
-            if n == 126:
-                if len(buf) - j < 2:
-                    break
-                n = int.from_bytes(buf[j : j + 2], "big")
-                j += 2
-            elif n == 127:
-                if len(buf) - j < 8:
-                    break
-                n = int.from_bytes(buf[j : j + 8], "big")
-                j += 8
-            if len(buf) - j < n:
-                break
-            out.append((opcode, bytes(buf[j : j + n])))
-            i = j + n
-        del buf[:i]
-        return out
 
 
 @dataclass
@@ -72,24 +37,10 @@ class Ordinary:
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (when sent, seconds)
 
 
-async def open_(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(handshakeRequest("127.0.0.1", port, "/"))
-    buf = b""
-    while True:
-        chunk = await reader.read(65536)
-        if not chunk:
-            raise ConnectionError("closed during the handshake")
-        done, rest = handshakeResponse(buf + chunk)
-        if done:
-            return reader, writer, rest
-        buf += chunk
-
-
 async def ordinaryClient(
     port: int, me: Ordinary, interval: float, stop: asyncio.Event, ready: asyncio.Barrier
 ) -> None:
-    reader, writer, rest = await open_(port)
+    reader, writer, rest = await openWebSocket(port)
     frames = Frames()
     await ready.wait()
 
@@ -135,7 +86,7 @@ class Flooder:
 
 
 async def flooder(port: int, mode: str, me: Flooder, stop: asyncio.Event) -> None:
-    reader, writer, rest = await open_(port)
+    reader, writer, rest = await openWebSocket(port)
     frames = Frames()
     batch = clientFrame(b"", OP_PING) * 500 if mode == "ping" else clientFrame(b"f" * 16) * 500
     want = OP_PONG if mode == "ping" else OP_TEXT

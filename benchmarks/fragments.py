@@ -18,9 +18,9 @@ import subprocess
 import sys
 import time
 
-from children import freePort, processes, waitListening
+from children import freePort, openWebSocket, processes, waitListening
 
-from wschat.bench.frames import clientFrame, handshakeRequest, handshakeResponse
+from wschat.bench.frames import clientFrame
 from wschat.bench.stats import processCpuSeconds, processRssBytes
 
 OP_CONT, OP_TEXT, OP_CLOSE, OP_PING = 0, 1, 8, 9
@@ -31,20 +31,6 @@ def fragment(data: bytes, opcode: int = OP_CONT, fin: bool = False) -> bytes:
     if not fin:
         frame[0] &= 0x7F
     return bytes(frame)
-
-
-async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(handshakeRequest("127.0.0.1", port, "/"))
-    buf = b""
-    while True:
-        chunk = await reader.read(65536)
-        if not chunk:
-            raise ConnectionError("closed during the handshake")
-        buf += chunk
-        done, _ = handshakeResponse(buf)
-        if done:
-            return reader, writer
 
 
 async def readClose(reader: asyncio.StreamReader, answer: list[str]) -> None:
@@ -63,7 +49,7 @@ def mib(n: int | None) -> str:
 
 
 async def endless(port: int, pid: int, piece: bytes, seconds: float) -> None:
-    reader, writer = await connect(port)
+    reader, writer, _ = await openWebSocket(port)
     before = processRssBytes(pid)
     answer: list[str] = []
     watcher = asyncio.create_task(readClose(reader, answer))
@@ -94,7 +80,7 @@ async def endless(port: int, pid: int, piece: bytes, seconds: float) -> None:
 
 
 async def oneMessage(port: int, pid: int, count: int) -> None:
-    reader, writer = await connect(port)
+    reader, writer, _ = await openWebSocket(port)
     message = fragment(b"x", OP_TEXT) + fragment(b"y") * (count - 2) + fragment(b"z", fin=True)
     cpu0 = processCpuSeconds(pid) or 0.0
     writer.write(message + clientFrame(b"", OP_PING))

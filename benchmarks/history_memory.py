@@ -20,10 +20,10 @@ import subprocess
 import tempfile
 import urllib.request
 
-from children import freePort, stop, waitListening
-from mass_reconnect import JSON_HEADER, TWISTD, Frames, rssKiB
+from children import freePort, quietTwistd, stop, waitListening
+from mass_reconnect import JSON_HEADER, rssKiB
 
-from wschat.bench.frames import OP_TEXT, clientFrame, handshakeResponse, openingHandshake
+from wschat.bench.frames import OP_TEXT, Frames, clientFrame, handshakeResponse, openingHandshake
 
 CASES = [
     # (--history, --history-bytes, payload bytes, messages sent)
@@ -113,30 +113,21 @@ def main() -> None:
     for history, limit, size, count in CASES:
         port = freePort()
         with tempfile.TemporaryDirectory(prefix="wschat-histmem-") as logdir:
-            command = [
-                TWISTD,
-                "-n",
-                "--pidfile=",
-                f"--logfile={logdir}/wschat.log",
-                "wschat",
-                "--port",
-                str(port),
-                "--welcome",
-                "",
-                "--no-message-log",
-                "--no-connection-log",
-                "--ping-interval",
-                "0",
-                "--history",
-                str(history),
-                "--history-bytes",
-                limit,
-                # The window is filled as fast as the sender can: no inbound share.
-                "--inbound-rate",
-                "0",
-                "--inbound-bytes",
-                "0",
-            ]
+            command = quietTwistd(
+                port,
+                logdir,
+                [
+                    "--history",
+                    str(history),
+                    "--history-bytes",
+                    limit,
+                    # The window is filled as fast as the sender can: no inbound share.
+                    "--inbound-rate",
+                    "0",
+                    "--inbound-bytes",
+                    "0",
+                ],
+            )
             proc = subprocess.Popen(command, start_new_session=True)
             try:
                 waitListening(port, proc, 30)

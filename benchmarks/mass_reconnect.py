@@ -22,11 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from children import findExecutable, freePort, stop, waitListening
+from children import freePort, quietTwistd, stop, waitListening
 
-from wschat.bench.frames import OP_TEXT, clientFrame, handshakeResponse, openingHandshake
+from wschat.bench.frames import OP_TEXT, Frames, clientFrame, handshakeResponse, openingHandshake
 
-TWISTD = findExecutable("twistd")
 JSON_HEADER = "Sec-WebSocket-Protocol: wschat.json"
 PRESENCE = (b'{"type":"join"', b'{"type":"leave"')
 
@@ -36,39 +35,6 @@ def rssKiB(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-class Frames:
-    """An incremental reader of a server's (unmasked) frames."""
-
-    def __init__(self) -> None:
-        self.buf = b""
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        buf = self.buf + data
-        out = []
-        i = 0
-        n = len(buf)
-        while i + 2 <= n:
-            opcode = buf[i] & 0x0F
-            length = buf[i + 1] & 0x7F
-            j = i + 2
-            if length == 126:
-                if j + 2 > n:
-                    break
-                length = int.from_bytes(buf[j : j + 2], "big")
-                j += 2
-            elif length == 127:
-                if j + 8 > n:
-                    break
-                length = int.from_bytes(buf[j : j + 8], "big")
-                j += 8
-            if j + length > n:
-                break
-            out.append((opcode, buf[j : j + length]))
-            i = j + length
-        self.buf = buf[i:]
-        return out
 
 
 class Client(asyncio.Protocol):
@@ -313,23 +279,9 @@ def main() -> None:
         parser.error(f"open files limit {want} is too low for {args.clients} clients")
     port = freePort()
     with tempfile.TemporaryDirectory(prefix="wschat-reconnect-") as logdir:
-        command = [
-            TWISTD,
-            "-n",
-            "--pidfile=",
-            f"--logfile={logdir}/wschat.log",
-            *args.twistd_args.split(),
-            "wschat",
-            "--port",
-            str(port),
-            "--welcome",
-            "",
-            "--no-message-log",
-            "--no-connection-log",
-            "--ping-interval",
-            "0",
-            *args.daemon_args.split(),
-        ]
+        command = quietTwistd(
+            port, logdir, args.daemon_args.split(), twistdArgs=args.twistd_args.split()
+        )
         proc = subprocess.Popen(command, start_new_session=True)
         try:
             waitListening(port, proc, 30)

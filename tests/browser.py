@@ -181,6 +181,14 @@ class ClientProcess:
         self.process.stdin.close()
         return self.process.wait(TIMEOUT)
 
+    def said(self) -> list[str]:
+        """Every status line the client wrote, once it has exited (for a failure's message)."""
+        try:
+            while True:
+                self.status.next()
+        except (EOFError, TimeoutError):
+            return self.status.seen
+
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()

@@ -5,6 +5,7 @@ test waits on line by line, without sleeping.
 - :func:`spawn` runs a command; :class:`ProcessWatcher` is what it returns.
 - :func:`spawnTwistd` runs ``twistd -n wschat``; :func:`listeningPort` finds the port it took.
 - :func:`freePort` names a port for a server started later.
+- :func:`exited` waits for a process that is not our child (a daemonized ``twistd``) to exit.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import sys
 from collections.abc import Sequence
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 
 class ProcessWatcher(ProcessProtocol):
@@ -143,6 +146,48 @@ def freePort(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+@implementer(IReadDescriptor)
+class _ExitWatch:
+    """A Linux pidfd, readable once its process has exited."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.gone: defer.Deferred[None] = defer.Deferred()
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "pidfd"
+
+    def doRead(self) -> None:
+        from twisted.internet import reactor
+
+        reactor.removeReader(self)  # type: ignore[attr-defined]
+        self.connectionLost(None)
+
+    def connectionLost(self, reason: object) -> None:
+        if not self.gone.called:
+            os.close(self.fd)
+            self.gone.callback(None)
+
+
+def exited(pid: int) -> defer.Deferred[None]:
+    """
+    Fires once the process ``pid`` has exited (at once if there is none): for a process that
+    is not our child, such as the daemon a ``twistd`` without ``-n`` forks off.
+    """
+    from twisted.internet import reactor
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return defer.succeed(None)
+    watch = _ExitWatch(fd)
+    reactor.addReader(watch)  # type: ignore[attr-defined]
+    return watch.gone
 
 
 #: What ``twistd -n wschat`` logs once it listens; group 1 is the port.

@@ -233,7 +233,7 @@ def test_two_pages_and_cli_client_chat(browser, liveDaemon, tmp_path):
         }
 
         # The terminal leaves (end of input: close 1000); the pages hear it.
-        assert cli.close() == 0
+        assert cli.close() == 0, cli.said()
         for tab in (a, b):
             expect(tab.online).to_have_text("2 online")
             expect(tab.page.locator("#log li.event").last).to_contain_text(f"{cliAddress} left")

@@ -42,6 +42,17 @@ def test_partial_frame_is_left_out():
     assert frames.parseFrames(data[:-1]) == [(frames.OP_TEXT, b"one")]
 
 
+@pytest.mark.parametrize("size", [0, 125, 126, 1000])
+def test_stream_of_frames_split_at_every_byte(size):
+    """Fed a byte at a time, Frames yields each frame once, when its last byte comes."""
+    one, two = bytes(n % 251 for n in range(size)), b"two"
+    data = frames.serverFrame(one, frames.OP_BINARY) + frames.serverFrame(two)
+    stream = frames.Frames()
+    seen = [(at, f) for at in range(len(data)) for f in stream.feed(data[at : at + 1])]
+    cut = len(data) - len(frames.serverFrame(two))
+    assert seen == [(cut - 1, (frames.OP_BINARY, one)), (len(data) - 1, (frames.OP_TEXT, two))]
+
+
 def test_opening_handshake_with_extra_headers():
     """The opening handshake carries the Host given, the fixed key and any extra lines."""
     request = frames.openingHandshake("example.com", "/room", ["Origin: https://x"])

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 
+import pytest
 import pytest_twisted
+from autobahn.twisted.websocket import connectWS
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponseAccept
 from autobahn.websocket.protocol import PreparedMessage
+from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
@@ -15,7 +20,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from wschat.metrics import Metrics
 from wschat.room import Room
 from wschat.server import ChatServer
-from wschat.testing import QueueClientFactory, connect, memoryConnection
+from wschat.testing import (
+    QueueClientFactory,
+    QueueClientProtocol,
+    closeAll,
+    connect,
+    memoryConnection,
+)
 from wschat.wire import (
     JSON_SUBPROTOCOL,
     Format,
@@ -311,3 +322,62 @@ async def test_other_subprotocols_are_not_selected(daemon):
     both = await connect(url, protocols=["chat.v9", JSON_SUBPROTOCOL])
     assert both.websocket_protocol_in_use == JSON_SUBPROTOCOL
     assert (await nextObject(both))["type"] == "welcome"
+
+
+async def connectSmall(url: str, compress: bool) -> QueueClientProtocol:
+    """A JSON client, offering permessage-deflate if ``compress``."""
+    factory = QueueClientFactory(url, protocols=[JSON_SUBPROTOCOL])
+    if compress:
+        factory.setProtocolOptions(
+            perMessageCompressionOffers=[PerMessageDeflateOffer()],
+            perMessageCompressionAccept=lambda response: PerMessageDeflateResponseAccept(response),
+        )
+    connectWS(factory)
+    return await factory.opened
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "deflate"])
+@pytest_twisted.ensureDeferred
+async def test_max_message_size_bounds_what_clients_send_not_what_the_server_sends(
+    daemon, compress
+):
+    """
+    Under a --max-message-size smaller than the server's own messages (compressed or not), a
+    JSON client gets its welcome, relayed messages, its duplicate and its notice; a plain one
+    its greeting.
+    """
+    # Random text: it stays over the limit compressed too.
+    welcome = base64.b64encode(os.urandom(90)).decode()
+    shout = base64.b64encode(os.urandom(75)).decode()
+    extra = ["--compression"] if compress else []
+    service, url = daemon("--max-message-size", "100", "--welcome", welcome, *extra)
+
+    async def chat() -> None:
+        js = await connectSmall(url, compress)
+        assert bool(js.websocket_extensions_in_use) is compress
+        hello = await nextObject(js)
+        assert (hello["type"], hello["text"], hello["maxMessageSize"]) == ("welcome", welcome, 100)
+        plain = await connect(url)
+        assert await plain.nextText() == welcome
+        assert (await nextObject(js))["type"] == "join"
+
+        send = json.dumps({"type": "send", "text": "hi", "id": "a1"})
+        js.sendText(send)
+        relayed = await nextObject(js)
+        assert (relayed["type"], relayed["text"], relayed["id"]) == ("message", "hi", "a1")
+        assert await plain.nextText() == f"{js.address}: hi"
+        js.sendText(send)
+        assert (await nextObject(js))["type"] == "duplicate"
+        js.sendText('{"type": "shout"}')
+        notice = await nextObject(js)
+        assert (notice["type"], notice["text"]) == (
+            "notice",
+            'unknown command type "shout": nothing relayed',
+        )
+        plain.sendText(shout)
+        assert (await nextObject(js))["text"] == shout
+        assert await plain.nextText() == f"{plain.address}: {shout}"
+        await closeAll([js, plain])
+
+    # Refused under the old limit, a message never came: fail, rather than wait for ever.
+    await defer.ensureDeferred(chat()).addTimeout(20, reactor)

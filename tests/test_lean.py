@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket import protocol as autobahn_protocol
+from twisted.internet.testing import MemoryReactorClock
+from txaio.testutil import replace_loop
 
 from wschat import lean
 from wschat.protocol import ChatServerProtocol
@@ -27,18 +29,24 @@ def test_factory_options_become_class_attributes():
 
 def test_nothing_left_for_autobahn_to_copy_or_log(monkeypatch):
     """Pins Autobahn: with CONFIG_ATTRS empty, a new connection pretty-prints no options."""
-    factory = ChatServer().factory
-    cls = lean.protocolClass(factory)
-    assert cls.CONFIG_ATTRS == () and ChatServerProtocol.CONFIG_ATTRS
-    formatted = []
-    real = autobahn_protocol.pformat
-    monkeypatch.setattr(
-        autobahn_protocol, "pformat", lambda obj: formatted.append(obj) or real(obj)
-    )
-    protocol = cls()
-    protocol.factory = factory
-    protocol._connectionMade()
+    # Autobahn's timers (this connection's opening handshake timeout) on a clock of the
+    # test's: on the real reactor it would fire in a later test, at a protocol with no
+    # transport.
+    clock = MemoryReactorClock()
+    with replace_loop(clock):
+        factory = ChatServer(reactor=clock).factory
+        cls = lean.protocolClass(factory)
+        assert cls.CONFIG_ATTRS == () and ChatServerProtocol.CONFIG_ATTRS
+        formatted = []
+        real = autobahn_protocol.pformat
+        monkeypatch.setattr(
+            autobahn_protocol, "pformat", lambda obj: formatted.append(obj) or real(obj)
+        )
+        protocol = cls()
+        protocol.factory = factory
+        protocol._connectionMade()
     assert formatted == [[]]
+    assert protocol.openHandshakeTimeoutCall is not None and clock.getDelayedCalls()
 
 
 def test_function_options_stay_plain_functions():

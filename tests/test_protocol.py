@@ -5,12 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
+from rawws import RawPeer
 from twisted.internet.address import IPv6Address
-from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from txaio.testutil import replace_loop
 
+from wschat.limits import Limits
 from wschat.room import Room
+from wschat.server import ChatServer
 from wschat.testing import MemoryRoom, received
 from wschat.wire import Format, Message
 
@@ -180,3 +184,30 @@ class RoomTests(SynchronousTestCase):
         room.broadcast(Message("s", b"x"))
         self.assertEqual(got, ["a", "b", "c"])
         self.assertEqual(len(room), 0)
+
+
+class LateTimerTests(SynchronousTestCase):
+    def test_ping_timeout_run_after_the_connection_is_gone(self) -> None:
+        """
+        A ping timeout that Autobahn's batched timer runs after its connection was lost (txaio
+        runs a bucket of over 1000 calls in chunks, and cannot cancel a call of a later chunk)
+        raises nothing.
+        """
+        clock = MemoryReactorClock()
+        with replace_loop(clock):
+            chat = ChatServer(
+                reactor=clock,
+                welcome="",
+                logConnections=False,
+                limits=Limits(pingInterval=1, pingTimeout=1),
+            )
+            peers = [RawPeer(chat.factory, port=n).open() for n in range(1, 1002)]
+            clock.advance(1)  # the first 1000 pings
+            clock.advance(0.1)  # the last one, in the bucket's second chunk
+            clock.advance(0.9)  # the first 1000 ping timeouts: those peers are dropped
+            late = peers[-1]
+            self.assertFalse(late.dropped)
+            late.lose()
+            clock.advance(0.1)  # the last timeout, its cancel too late
+        self.assertEqual(late.protocol.state, WebSocketProtocol.STATE_CLOSED)
+        self.assertTrue(all(peer.dropped for peer in peers[:-1]))

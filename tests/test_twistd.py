@@ -11,7 +11,7 @@ from importlib.metadata import version
 
 import pytest
 import pytest_twisted
-from childprocess import ProcessWatcher
+from childprocess import ProcessWatcher, exited
 from twisted.python import usage
 
 from wschat.tap import Options
@@ -106,6 +106,14 @@ async def test_port_in_use_daemonized(processes, occupied, tmp_path):
     assert await daemon.ended == 1
     expected = f"cannot listen on tcp:{occupied}:interface=127.0.0.1: address already in use"
     assert any(line.endswith(f"{expected}'") for line in daemon.lines["err"]), daemon.output
+    # twistd's parent exits as soon as the daemon reports its error; the daemon goes on to
+    # remove its pid file, and to exit.
+    try:
+        pid = int((tmp_path / "wschat.pid").read_text())
+    except FileNotFoundError:
+        pass
+    else:
+        await exited(pid)
     logged = log.read_text()
     assert f"wschat: {expected}\n" in logged
     assert "Traceback" not in logged

@@ -68,6 +68,9 @@ READ_SLICE = 512
 #: message, or an empty last fragment); endless empty fragments are an attack (1008).
 MAX_EMPTY_FRAMES = 8
 
+#: A connection with no ``maxMessagePayloadSize`` of its own (the factory's class attribute).
+_NO_LIMIT_SET = object()
+
 
 @implementer(IPushProducer)
 class ChatServerProtocol(WebSocketServerProtocol):
@@ -187,6 +190,14 @@ class ChatServerProtocol(WebSocketServerProtocol):
         # cycle that only a full garbage collection frees, so let go of the transport now.
         self.transport = None
 
+    def unregisterProducer(self) -> None:
+        # Autobahn unregisters on every drop, also from a timer (ping timeout) that runs after
+        # the connection is gone: txaio runs a bucket of over 1000 timers in chunks, and a
+        # timer of a later chunk cancelled in connectionLost runs anyway. Gone, there is no
+        # transport (connectionLost let go of it) and nothing to unregister.
+        if self.transport is not None:
+            super().unregisterProducer()
+
     def onConnect(self, request: ConnectionRequest) -> tuple[str | None, dict[str, str]]:
         assert self.transport is not None
         server = self.factory.chatServer
@@ -283,7 +294,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             self._log.info("New connection from {peer}", peer=self.address)
         greeting = server.greeting(self, recovered)
         if greeting:
-            self._sendOwn(greeting)
+            self.sendMessage(greeting)
             server.metrics.delivered(1, len(greeting))
         if room.replaying(self):
             self._replay()
@@ -535,13 +546,28 @@ class ChatServerProtocol(WebSocketServerProtocol):
             except Disconnected:
                 pass
 
-    def _sendOwn(self, payload: bytes) -> None:
-        """
-        Send a text message of the daemon's own (greeting, notice, duplicate). Autobahn's
-        sendMessage refuses one over --max-message-size, which bounds what clients send: a
-        JSON welcome is longer than a small limit. Uncompressed: these are short.
-        """
-        self.sendPreparedMessage(self.factory.prepareMessage(payload, doNotCompress=True))
+    def sendMessage(
+        self,
+        payload: bytes,
+        isBinary: bool = False,
+        fragmentSize: int | None = None,
+        sync: bool = False,
+        doNotCompress: bool = False,
+    ) -> None:
+        # --max-message-size bounds what clients send. Autobahn holds what this side sends to
+        # the same option, and would refuse (PayloadExceededError) the server's own messages
+        # under a small limit: the greeting, a JSON welcome, a notice and, with compression,
+        # every relayed message. Lifted for the send, restored before anything is read again.
+        own = self.__dict__.pop("maxMessagePayloadSize", _NO_LIMIT_SET)
+        self.maxMessagePayloadSize = 0
+        try:
+            super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)
+        finally:
+            if own is _NO_LIMIT_SET:
+                # The factory's value, shared by all connections (wschat.lean), shows again.
+                del self.maxMessagePayloadSize
+            else:
+                self.maxMessagePayloadSize = own
 
     def refused(self, reason: str) -> None:
         """
@@ -563,7 +589,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             # A client that sends but never reads must not grow its queue of notices either.
             if self._paused and self._overQueue(len(notice) + 2):
                 return
-            self._sendOwn(notice)
+            self.sendMessage(notice)
 
     def duplicate(self, mid: str, position: Position) -> None:
         """
@@ -576,7 +602,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             answer = jsonDuplicate(mid, position.epoch, position.seq)
             if self._paused and self._overQueue(len(answer) + 2):
                 return
-            self._sendOwn(answer)
+            self.sendMessage(answer)
 
     def goAway(self) -> Deferred[None]:
         """

@@ -36,18 +36,26 @@ from twisted.internet import defer
 from wschat.envelope import Envelope, MalformedEnvelope, decodeEnvelope
 from wschat.history import Position
 
-# Number, store and publish one message, exactly once per client-chosen id.
-# KEYS: position, history, and the id's key (absent: no id).
-# ARGV: a new epoch (used if the room has none), MAXLEN, lifetime of the stream and the id
-#       (ms), channel, the envelope without its position (array header for 9 elements).
-# Returns {1, epoch, seq, receivers} when relayed, {0, epoch, seq} for an id already relayed.
-RELAY = """
+# The room's epoch; a room without one (new, or its Redis lost it) gets ARGV[1], and its
+# history (KEYS[2]), from an older epoch, is dropped.
+# KEYS: position, history. ARGV: a new epoch.
+_EPOCH = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[1]
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
   redis.call('DEL', KEYS[2])
 end
+"""
+
+# Number, store and publish one message, exactly once per client-chosen id.
+# KEYS: position, history, and the id's key (absent: no id).
+# ARGV: a new epoch (used if the room has none), MAXLEN, lifetime of the stream and the id
+#       (ms), channel, the envelope without its position (array header for 9 elements).
+# Returns {1, epoch, seq, receivers} when relayed, {0, epoch, seq} for an id already relayed.
+RELAY = (
+    _EPOCH
+    + """
 if KEYS[3] then
   local original = redis.call('GET', KEYS[3])
   if original then
@@ -68,6 +76,7 @@ if KEYS[3] then
 end
 return {1, epoch, seq, redis.call('PUBLISH', ARGV[4], envelope)}
 """
+)
 
 # The room's epoch and head, and envelopes of its history.
 # KEYS: position, history.
@@ -75,19 +84,16 @@ return {1, epoch, seq, redis.call('PUBLISH', ARGV[4], envelope)}
 #       wanted in that epoch, how many at most.
 # Returns {epoch, head, 1, entries from that ID} if the room's epoch is the one the caller
 # knows, else {epoch, head, 0, the last entries, newest first}.
-READ = """
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
-  redis.call('DEL', KEYS[2])
-end
+READ = (
+    _EPOCH
+    + """
 local head = tonumber(redis.call('HGET', KEYS[1], 'seq')) or 0
 if epoch == ARGV[2] then
   return {epoch, head, 1, redis.call('XRANGE', KEYS[2], ARGV[3], '+', 'COUNT', ARGV[4])}
 end
 return {epoch, head, 0, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[4])}
 """
+)
 
 # One daemon's report: its connection count, its alive key renewed, its presence envelope (if
 # any) published; then every daemon's count whose alive key still lives (the others are

@@ -1,9 +1,9 @@
 """
 The load tool's wire format: the payload it sends, the frames it writes, and its reader.
 
-:func:`frame`, :func:`parseFrames` and :func:`openingHandshake` are the package's one RFC 6455
-framer, written by hand: the load tool sends with them, and the tests build with them what no
-well-behaved client would send.
+:func:`frame`, :func:`parseFrames` (:class:`Frames` for a stream) and :func:`openingHandshake`
+are the package's one RFC 6455 framer, written by hand: the load tool sends with them, the
+benchmarks read with them, and the tests build with them what no well-behaved client would send.
 
 A bench payload is ASCII text, so a server may relay it as a text message and prefix it::
 
@@ -99,34 +99,61 @@ def serverFrame(data: bytes, opcode: int = OP_TEXT) -> bytes:
     return frame(opcode, data)
 
 
+def splitFrames(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """
+    The ``(opcode, payload)`` of every complete frame at the start of ``data``, unmasked, and
+    how many bytes they take: what follows is a partial frame (or nothing).
+    """
+    frames = []
+    end = 0
+    size = len(data)
+    while end + 2 <= size:
+        opcode = data[end] & 0x0F
+        masked = data[end + 1] & 0x80
+        length = data[end + 1] & 0x7F
+        i = end + 2
+        if length == 126:
+            if i + 2 > size:
+                break
+            (length,) = struct.unpack("!H", data[i : i + 2])
+            i += 2
+        elif length == 127:
+            if i + 8 > size:
+                break
+            (length,) = struct.unpack("!Q", data[i : i + 8])
+            i += 8
+        key = data[i : i + 4] if masked else None
+        i += 4 if masked else 0
+        if i + length > size:
+            break
+        body = bytes(data[i : i + length])
+        if key is not None:
+            body = bytes(b ^ key[n % 4] for n, b in enumerate(body))
+        frames.append((opcode, body))
+        end = i + length
+    return frames, end
+
+
 def parseFrames(data: bytes) -> list[tuple[int, bytes]]:
     """
     The ``(opcode, payload)`` of every complete frame in ``data``, unmasked; a partial frame
     at the end is left out. (:class:`FrameReader` is the load tool's own, faster, reader.)
     """
-    frames = []
-    i = 0
-    while i + 2 <= len(data):
-        opcode = data[i] & 0x0F
-        masked = data[i + 1] & 0x80
-        length = data[i + 1] & 0x7F
-        i += 2
-        if length == 126:
-            (length,) = struct.unpack("!H", data[i : i + 2])
-            i += 2
-        elif length == 127:
-            (length,) = struct.unpack("!Q", data[i : i + 8])
-            i += 8
-        key = data[i : i + 4] if masked else None
-        i += 4 if masked else 0
-        if i + length > len(data):
-            break
-        body = data[i : i + length]
-        if key is not None:
-            body = bytes(b ^ key[n % 4] for n, b in enumerate(body))
-        frames.append((opcode, body))
-        i += length
-    return frames
+    return splitFrames(data)[0]
+
+
+class Frames:
+    """The frames of a byte stream, fed as it is read: a frame split across reads is kept."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """The ``(opcode, payload)`` of each frame ``data`` completes."""
+        buf = self._buf + data
+        frames, used = splitFrames(buf)
+        self._buf = buf[used:]
+        return frames
 
 
 @dataclass(slots=True)
