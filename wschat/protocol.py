@@ -114,7 +114,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
         return False
 
     def _tooSlow(self) -> None:
-        self._log.info(
+        self._logLine(
             "Closing {peer}: more than {limit} bytes waiting to be sent",
             peer=self.address,
             limit=self._maxQueue,
@@ -177,7 +177,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
         server.room.join(self, self.format)
         server.metrics.connectionOpened()
         if server.logConnections:
-            self._log.info("New connection from {peer}", peer=self.address)
+            self._logLine("New connection from {peer}", peer=self.address)
         greeting = server.greeting(self)
         if greeting:
             self.sendMessage(greeting)
@@ -192,7 +192,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
         server.metrics.messageReceived()
         bucket = self._bucket
         if bucket is not None and not bucket.take():
-            self._log.info("Closing {peer}: rate limit exceeded", peer=self.address)
+            self._logLine("Closing {peer}: rate limit exceeded", peer=self.address)
             server.metrics.messageRefused(REFUSED_RATE_LIMIT)
             closeWith(
                 self,
@@ -222,9 +222,8 @@ class ChatServerProtocol(WebSocketServerProtocol):
         if self._hostKey is not None:
             server.connectionsPerHost.release(self._hostKey)
             self._hostKey = None
-        self._fireGone()
         if self.address and server.logConnections:
-            self._log.info(
+            self._logLine(
                 "Connection from {peer} closed: code {code} {reason}",
                 peer=self.address,
                 code=code,
@@ -232,6 +231,8 @@ class ChatServerProtocol(WebSocketServerProtocol):
                 reason=escapeLogText(reason or ""),
                 wasClean=wasClean,
             )
+        # Last: the last connection gone may stop the daemon (and flush the log) right here.
+        self._fireGone()
 
     def deliver(self, frame: PreparedMessage) -> None:
         # sendPreparedMessage does not check the state itself: a frame written after our
@@ -284,6 +285,11 @@ class ChatServerProtocol(WebSocketServerProtocol):
             abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
             abort()
 
+    def _logLine(self, format: str, **fields: Any) -> None:
+        # At the end of the reactor turn, with the connection lines of other clients:
+        # see wschat.turnlog.
+        self.factory.chatServer.lines.info(self._log, format, **fields)
+
     def _fireGone(self) -> None:
         waiters, self._goneWaiters = self._goneWaiters, ()
         for gone in waiters:
@@ -291,12 +297,12 @@ class ChatServerProtocol(WebSocketServerProtocol):
 
     def _logMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
-            self._log.info(
+            self._logLine(
                 "From client {peer}: <{size} bytes binary>", peer=self.address, size=len(payload)
             )
         else:
             # Escaped: one message, one log line, no terminal control codes from clients.
-            self._log.info(
+            self._logLine(
                 "From client {peer}: {text}",
                 peer=self.address,
                 text=escapeLogText(payload.decode("utf-8")),
