@@ -173,6 +173,8 @@ class ChatServerProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self._plainFrames = not self.websocket_extensions_in_use
+        # An idle connection holds only what it still needs: see wschat.lean.
+        lean.trimOpenConnection(self)
         server = self.factory.chatServer
         server.room.join(self, self.format)
         server.metrics.connectionOpened()
