@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from wschat import lean
+from wschat import fastwrite, lean
 from wschat.closing import (
     GOING_AWAY,
     POLICY_VIOLATION,
@@ -176,7 +176,10 @@ class ChatServerProtocol(WebSocketServerProtocol):
         # An idle connection holds only what it still needs: see wschat.lean.
         lean.trimOpenConnection(self)
         server = self.factory.chatServer
-        server.room.join(self, self.format)
+        writer = self.transport if self._plainFrames else None
+        server.room.join(
+            self, self.format, writer if isinstance(writer, fastwrite.FastTransport) else None
+        )
         server.metrics.connectionOpened()
         if server.logConnections:
             self._logLine("New connection from {peer}", peer=self.address)
@@ -253,6 +256,13 @@ class ChatServerProtocol(WebSocketServerProtocol):
                 self.sendPreparedMessage(frame)
             except Disconnected:
                 pass
+
+    def takesShared(self) -> bool:
+        """
+        Whether a busy turn's frames may go to this client as the shared buffer: it is open
+        and its transport has not paused it (else each frame goes through :meth:`deliver`).
+        """
+        return self.state == _OPEN and not self._paused
 
     def refused(self, reason: str) -> None:
         """

@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 
 from autobahn.websocket.protocol import PreparedMessage
 
+from wschat.fastwrite import FastTransport, SharedFrames, Turns
 from wschat.metrics import Metrics
 from wschat.wire import Format, Message, jsonMessage, jsonPresence, relayPayload
 
@@ -58,6 +59,14 @@ class Room:
         # Members grouped by the format they receive, so that a broadcast frames each format
         # once. Dicts keep join order, so deliveries go out in a stable order.
         self._groups: dict[Format, dict[Member, None]] = {}
+        #: The reactor's turns as the connections' writers see them; with it, members on
+        #: plain TCP without compression get a busy turn's frames as one shared buffer.
+        self.turns: Turns | None = None
+        # Per format: the members written through a FastTransport (their frames shared in a
+        # busy turn), and the others (TLS, compression, other transports), delivered to
+        # one by one.
+        self._shared: dict[Format, SharedFrames] = {}
+        self._single: dict[Format, dict[Member, None]] = {}
 
     def __len__(self) -> int:
         return sum(len(group) for group in self._groups.values())
@@ -68,9 +77,23 @@ class Room:
     def __contains__(self, member: object) -> bool:
         return any(member in group for group in self._groups.values())
 
-    def join(self, member: Member, fmt: Format | None = None) -> None:
-        """Add ``member``, which receives ``fmt`` (the room's format unless given)."""
-        self._groups.setdefault(fmt if fmt is not None else self.format, {})[member] = None
+    def join(
+        self, member: Member, fmt: Format | None = None, writer: FastTransport | None = None
+    ) -> None:
+        """
+        Add ``member``, which receives ``fmt`` (the room's format unless given). ``writer``:
+        its transport, when the frames' bytes may be written to it as they are (plain TCP,
+        no compression), so that it can share a busy turn's frames with others.
+        """
+        fmt = fmt if fmt is not None else self.format
+        self._groups.setdefault(fmt, {})[member] = None
+        if writer is not None and self.turns is not None and hasattr(member, "takesShared"):
+            shared = self._shared.get(fmt)
+            if shared is None:
+                shared = self._shared[fmt] = SharedFrames(self.turns)
+            shared.join(member, writer)  # type: ignore[arg-type]
+        else:
+            self._single.setdefault(fmt, {})[member] = None
 
     def leave(self, member: Member) -> bool:
         """Remove ``member``; true if it was in the room."""
@@ -79,6 +102,9 @@ class Room:
                 del group[member]
                 if not group:
                     del self._groups[fmt]
+                shared = self._shared.get(fmt)
+                if shared is None or not shared.leave(member):  # type: ignore[arg-type]
+                    self._single.get(fmt, {}).pop(member, None)
                 return True
         return False
 
@@ -96,11 +122,18 @@ class Room:
             else:
                 payload, isBinary = relayPayload(fmt, message), message.isBinary
             frame = self._prepare(payload, isBinary)
-            members = tuple(group)
+            count = len(group)
+            shared = self._shared.get(fmt)
+            if shared is not None and shared.members and shared.turns.busy:
+                # A busy turn: kept once for every member that shares, sent at its end.
+                shared.add(frame, frame.payloadHybi)
+                members = tuple(self._single.get(fmt, ()))
+            else:
+                members = tuple(group)
             for member in members:
                 member.deliver(frame)
-            frames += len(members)
-            size += len(members) * len(payload)
+            frames += count
+            size += count * len(payload)
         self.metrics.messageBroadcast(frames, size)
 
     def announce(

@@ -174,6 +174,8 @@ class ChatServer(service.MultiService):
         chat = DispatchFactory(
             self.factory, self.site, reactor, hosts=self.hosts, fastWrite=fastWrite
         )
+        # Members written through the dispatcher's writers share a busy turn's frames.
+        self.room.turns = chat.turns
         for description in listen:
             self.endpoints.append(self._listen(description, chat))
         self.metricsEndpoint: LoggingEndpoint | None = None
