@@ -8,12 +8,14 @@ The daemon and the command-line client run as child processes (``twistd -n wscha
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator
 
 import pytest
 from browser import ClientProcess, DaemonProcess, launchChromium
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
+from rawws import handshake
 from tlsfiles import makeTLSFiles
 
 WELCOME = "Welcome to chat! Type a message"
@@ -196,6 +198,26 @@ def test_page_reconnects_after_daemon_restart(browser, liveDaemon):
         found = metrics(liveDaemon)
         assert found[("wschat_connections_opened_total", ())] == 1
         assert found[("wschat_messages_broadcast_total", ())] == 1
+    finally:
+        tab.close()
+
+
+def test_page_shows_presence_summary(browser, liveDaemon):
+    """Under churn the page shows a summed-up presence line and keeps the online count right."""
+    tab = Tab(browser, liveDaemon.httpURL)
+    try:
+        host = f"127.0.0.1:{liveDaemon.port}"
+        for _ in range(30):
+            with socket.create_connection(("127.0.0.1", liveDaemon.port)) as s:
+                s.sendall(handshake(host=host))
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    answer += s.recv(4096)
+                assert answer.startswith(b"HTTP/1.1 101 "), answer
+        summary = tab.page.locator("#log li.event", has_text=re.compile(r"\d+ joined, \d+ left"))
+        expect(summary.first).to_be_visible()
+        expect(tab.online).to_have_text("1 online")
+        assert any('"type":"presence"' in frame for frame in tab.frames)
     finally:
         tab.close()
 

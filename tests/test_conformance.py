@@ -24,9 +24,17 @@ from twisted.internet import reactor, utils
 
 from wschat.bench.frames import OP_TEXT
 
-#: The suite's 9.x cases send messages up to 16 MiB: far past the 64 KiB default limit. Our
-#: keep-alive pings are off: kosoku ends a case that receives a ping it did not expect.
+#: The suite's 9.x cases send messages up to 16 MiB, some in 64-byte fragments, as fast as
+#: they can: far past the 64 KiB default limit, the 1024 frames a message may come in, and each
+#: client's inbound share (which would take hours to read them). Our keep-alive pings are off:
+#: kosoku ends a case that receives a ping it did not expect.
 DAEMON_ARGS = [
+    "--inbound-rate",
+    "0",
+    "--inbound-bytes",
+    "0",
+    "--max-message-frames",
+    "1000000",
     "--ping-interval",
     "0",
     "--format",

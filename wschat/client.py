@@ -10,6 +10,7 @@ room closed the connection over them).
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import sys
@@ -519,7 +520,9 @@ class Options(usage.Options):
         "Room messages go to standard output, one per line with control characters escaped "
         "(\\\\ \\n \\r \\t \\xHH); status and the daemon's notices go to standard error. "
         "Exit status: 0 all lines sent, 1 gave up connecting, 2 usage error, "
-        "3 some lines refused or not delivered."
+        "3 some lines refused or not delivered. "
+        "On a terminal (standard input and output) it is interactive instead: the room scrolls "
+        "above an input line (/help there lists the commands)."
     )
     optParameters: list[list[Any]] = [
         ["url", "u", None, f"WebSocket URL of the room (ws:// or wss://; default {DEFAULT_URL})."],
@@ -532,6 +535,9 @@ class Options(usage.Options):
             "Only receive: do not read standard input; stay (and reconnect) until killed.",
         ],
         ["raw-output", None, "Print room messages' exact text, control characters unescaped."],
+        # Interactive mode (wschat.terminal).
+        ["no-tty", None, "Line mode even on a terminal (no input line, no status bar)."],
+        ["no-color", None, "No sender colours in interactive mode (as NO_COLOR=1 does)."],
     ]
 
     def __init__(self) -> None:
@@ -591,6 +597,14 @@ def tlsOptions(host: str, caFile: str | None) -> Any:
 
 
 async def run(reactor: Any, options: Options) -> None:
+    # On a terminal: the interactive mode of wschat.terminal instead of lines in, lines out.
+    from wschat import terminal
+
+    interactive, colour = terminal.wanted(options, os.environ)
+    if interactive:
+        await terminal.run(reactor, options, colour)
+        return
+
     session = ChatSession(
         reactor,
         _status,

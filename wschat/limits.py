@@ -2,7 +2,8 @@
 The daemon's resource limits as plain values and small pure helpers: no reactor, no sockets.
 
 :class:`Limits` is what the command line configures; :class:`TokenBucket` is the per-connection
-message rate limit; :class:`ConnectionCounter` counts open connections per client address.
+message rate limit; :class:`InboundBudget` is each connection's share of the room's inbound
+work; :class:`ConnectionCounter` counts open connections per client address.
 """
 
 from __future__ import annotations
@@ -50,6 +51,16 @@ class Limits:
     maxConnections: int = 0
     #: Open connections from one IP address, or IPv6 /64 (0: unlimited); past it, HTTP 429.
     maxConnectionsPerIp: int = 0
+    #: Frames (data and control) per second each connection is read at, on average (0: any).
+    inboundRate: float = 250.0
+    #: Payload bytes per second each connection is read at, on average (0: any).
+    inboundBytes: int = 256 * KiB
+    #: Seconds of ``inboundRate`` and ``inboundBytes`` a connection may send at once.
+    inboundBurst: float = 2.0
+    #: Seconds a connection may stay over its inbound share before it is closed (1008).
+    inboundHold: float = 60.0
+    #: Frames one message may come in; past it the connection is closed (1009).
+    maxMessageFrames: int = 1024
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -108,6 +119,88 @@ class TokenBucket:
             return True
         self._tokens = tokens
         return False
+
+
+class InboundBudget:
+    """
+    One connection's share of the room's inbound work: ``frameRate`` frames and ``byteRate``
+    payload bytes per second on average, up to ``burst`` seconds' worth at once.
+
+    Unlike :class:`TokenBucket` a frame is always counted, even past the budget: it has been
+    read already. The budget then goes into debt, and :meth:`spend` says how long the
+    connection must not be read for the debt to be paid back. A rate of 0 is not counted.
+
+    :attr:`overSince` is when the connection went over its share, ``None`` once it has been
+    back within it for a whole ``burst`` (its budget full again): how long a sender has been
+    held back without a break.
+
+    @param clock: returns the current time in seconds (``reactor.seconds``).
+    """
+
+    __slots__ = (
+        "frameRate",
+        "byteRate",
+        "burst",
+        "overSince",
+        "_clock",
+        "_frames",
+        "_bytes",
+        "_maxFrames",
+        "_maxBytes",
+        "_stamp",
+    )
+
+    def __init__(
+        self, frameRate: float, byteRate: float, burst: float, clock: Callable[[], float]
+    ) -> None:
+        if frameRate < 0 or byteRate < 0 or not (frameRate or byteRate):
+            raise ValueError(f"rates must be 0 or more, one above 0: {frameRate!r}, {byteRate!r}")
+        if burst <= 0:
+            raise ValueError(f"burst must be above 0 seconds, not {burst!r}")
+        self.frameRate = frameRate
+        self.byteRate = byteRate
+        self.burst = burst
+        self.overSince: float | None = None
+        self._clock = clock
+        self._maxFrames = self._frames = frameRate * burst
+        self._maxBytes = self._bytes = byteRate * burst
+        self._stamp = clock()
+
+    def spend(self, frames: int, size: int) -> float:
+        """
+        Count ``frames`` frames of ``size`` payload bytes received now. Returns 0 while within
+        the budget, else the seconds until the debt is paid back.
+        """
+        now = self._clock()
+        elapsed = now - self._stamp if now > self._stamp else 0.0
+        self._stamp = now
+        wait = 0.0
+        full = True
+        if self.frameRate:
+            tokens = self._frames + elapsed * self.frameRate
+            if tokens >= self._maxFrames:
+                tokens = self._maxFrames
+            else:
+                full = False
+            tokens -= frames
+            self._frames = tokens
+            if tokens < 0:
+                wait = -tokens / self.frameRate
+        if self.byteRate:
+            tokens = self._bytes + elapsed * self.byteRate
+            if tokens >= self._maxBytes:
+                tokens = self._maxBytes
+            else:
+                full = False
+            tokens -= size
+            self._bytes = tokens
+            if tokens < 0:
+                wait = max(wait, -tokens / self.byteRate)
+        if full:
+            self.overSince = None
+        if wait and self.overSince is None:
+            self.overSince = now
+        return wait
 
 
 def hostKey(address: IAddress | str) -> str | None:

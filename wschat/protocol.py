@@ -15,7 +15,7 @@ from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflat
 from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, ISSLTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,7 +29,7 @@ from wschat.closing import (
     closeWith,
 )
 from wschat.handshake import forwardedClient, senderAddress
-from wschat.limits import Limits, TokenBucket, hostKey
+from wschat.limits import InboundBudget, Limits, TokenBucket, hostKey
 from wschat.logtext import escapeLogText
 from wschat.metrics import REFUSED_BINARY, REFUSED_RATE_LIMIT, REFUSED_RELAY
 from wschat.wire import (
@@ -43,12 +43,23 @@ if TYPE_CHECKING:
     from wschat.server import ChatServer
 
 _OPEN = WebSocketProtocol.STATE_OPEN
+MESSAGE_TOO_BIG = WebSocketProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG  # 1009
 
 #: Handshake response header naming ``--max-message-size`` in bytes.
 MAX_MESSAGE_SIZE_HEADER = "X-WSChat-Max-Message-Size"
 
 #: HTTP status for a handshake past ``--max-connections-per-ip``.
 HTTP_TOO_MANY_REQUESTS = 429
+
+#: Bytes handed to Autobahn's frame parser at a time when a connection has an inbound budget.
+#: A read is up to 64 KiB: ten thousand empty pings. A connection over its share stops being
+#: parsed within this many bytes (at most 85 frames), and Autobahn, which copies what is left
+#: of its buffer on every frame, never works on more than this at once.
+READ_SLICE = 512
+
+#: Empty data frames one message may have. A real client sends at most one (an empty
+#: message, or an empty last fragment); endless empty fragments are an attack (1008).
+MAX_EMPTY_FRAMES = 8
 
 
 @implementer(IPushProducer)
@@ -79,6 +90,21 @@ class ChatServerProtocol(WebSocketServerProtocol):
     # What this connection counts as in the per-address limit, once counted.
     _hostKey: str | None = None
 
+    # The read side, apart from the write side's _paused: this connection's share of the
+    # room's inbound work, and whether its reading is held back (transport.pauseProducing)
+    # because it went over it, until _resumeCall.
+    _budget: InboundBudget | None = None
+    _readHeld = False
+    _resumeCall: IDelayedCall | None = None
+    # Bytes read but not parsed yet: the rest of a read when reading was held back.
+    _unread = b""
+    # Closed for what it sent: nothing more it sends is read.
+    _refusing = False
+    # Frames (and empty ones) of the message being received.
+    _messageFrames = 0
+    _emptyFrames = 0
+    _maxMessageFrames = Limits().maxMessageFrames
+
     def connectionMade(self) -> None:
         super().connectionMade()
         server = self.factory.chatServer
@@ -86,6 +112,11 @@ class ChatServerProtocol(WebSocketServerProtocol):
         self._maxQueue = limits.maxQueue
         if limits.rateLimit:
             self._bucket = TokenBucket(limits.rateLimit, limits.rateBurst, server.reactor.seconds)
+        if limits.inboundRate or limits.inboundBytes:
+            self._budget = InboundBudget(
+                limits.inboundRate, limits.inboundBytes, limits.inboundBurst, server.reactor.seconds
+            )
+        self._maxMessageFrames = limits.maxMessageFrames
         # Every Twisted stream transport (TCP, UNIX, TLS) is also a consumer.
         cast(IConsumer, self.transport).registerProducer(self, True)
 
@@ -127,7 +158,11 @@ class ChatServerProtocol(WebSocketServerProtocol):
     # -- the WebSocket connection
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancelResume()
+        self._unread = b""
         super().connectionLost(reason)
+        # A message cut off by the close: its fragments go now, not with the protocol.
+        self.message_data = []
         # The dead transport still holds what it could not send (up to --max-queue and its
         # own 64 KiB). Autobahn's is_closed Deferred keeps this protocol in a reference
         # cycle that only a full garbage collection frees, so let go of the transport now.
@@ -214,10 +249,139 @@ class ChatServerProtocol(WebSocketServerProtocol):
         server.bus.publish(Message(self.address, payload, isBinary), self)
 
     def onPing(self, payload: bytes) -> None:
+        if self.state != _OPEN:
+            # Closing: no pong is due, and a client already dropped is not dropped again.
+            return
+        self._spend(1, len(payload))
         # A client that sends pings but reads nothing must not grow its queue of pongs.
         if self._paused and self._overQueue(len(payload) + 2):
             return
         super().onPing(payload)
+
+    def onPong(self, payload: bytes) -> None:
+        self._spend(1, len(payload))
+        super().onPong(payload)
+
+    # -- the read side: each connection's share of the room's inbound work
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refusing:
+            return
+        if self._budget is None:
+            super().dataReceived(data)
+        elif self._readHeld or self._unread:
+            # A transport may deliver what it had already read (TLS) after being paused.
+            self._unread += data
+        elif len(data) <= READ_SLICE:
+            super().dataReceived(data)
+        else:
+            self._unread = data
+            self._parseUnread()
+
+    def _parseUnread(self) -> None:
+        """
+        Parse what was read, a slice at a time, until it is all parsed or reading is held.
+        """
+        data, self._unread = self._unread, b""
+        for offset in range(0, len(data), READ_SLICE):
+            if self._readHeld:
+                self._unread = data[offset:]
+                return
+            if self._refusing or self.transport is None:
+                return
+            super().dataReceived(data[offset : offset + READ_SLICE])
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        super().onMessageBegin(isBinary)
+        self._messageFrames = self._emptyFrames = 0
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        super().onMessageFrameBegin(length)
+        self._messageFrames += 1
+        if self._messageFrames > self._maxMessageFrames:
+            self._refuse(
+                MESSAGE_TOO_BIG, f"message too big: more than {self._maxMessageFrames} frames"
+            )
+            return
+        if not length:
+            self._emptyFrames += 1
+            if self._emptyFrames > MAX_EMPTY_FRAMES:
+                self._refuse(
+                    POLICY_VIOLATION, f"more than {MAX_EMPTY_FRAMES} empty frames in a message"
+                )
+                return
+        self._spend(1, length)
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        if not self._refusing:
+            super().onMessageFrameData(payload)
+
+    def onMessageFrame(self, payload: Any) -> None:
+        if not self._refusing:
+            super().onMessageFrame(payload)
+
+    def _spend(self, frames: int, size: int) -> None:
+        """
+        Count a frame received against this connection's inbound share; over it, stop
+        reading the connection until the share allows more, and past ``--inbound-hold``
+        seconds without a break close it (1008).
+        """
+        budget = self._budget
+        if budget is None:
+            return
+        wait = budget.spend(frames, size)
+        # Closing, it is read on only for the peer's close frame (or not at all, refused).
+        if not wait or self._readHeld or self.state != _OPEN:
+            return
+        server = self.factory.chatServer
+        hold = server.limits.inboundHold
+        if budget.overSince is not None and server.reactor.seconds() - budget.overSince > hold:
+            self._refuse(
+                POLICY_VIOLATION, f"sending too fast: over its inbound share for {hold:g} s"
+            )
+            return
+        self._holdReading(wait)
+
+    def _holdReading(self, wait: float) -> None:
+        """Stop reading this connection for ``wait`` seconds."""
+        if self.transport is None:
+            return
+        self._readHeld = True
+        # The transport's own producer side: this stops reading; it is not our pauseProducing,
+        # which the transport calls on us when its write buffer is full.
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._resumeCall = self.factory.chatServer.reactor.callLater(wait, self._resumeReading)
+
+    def _resumeReading(self) -> None:
+        self._resumeCall = None
+        self._readHeld = False
+        if self.transport is None or self._refusing or self.state == WebSocketProtocol.STATE_CLOSED:
+            return
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+        if self._unread:
+            self._parseUnread()
+
+    def _cancelResume(self) -> None:
+        call, self._resumeCall = self._resumeCall, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _refuse(self, code: int, reason: str) -> None:
+        """
+        Close this connection (``code``, ``reason``) for what it sent, and read nothing more
+        from it: what it sends next is neither parsed nor kept.
+        """
+        if self._refusing or self.state != _OPEN:
+            return
+        self._refusing = True
+        self._log.info("Closing {peer}: {reason}", peer=self.address, reason=reason)
+        self._cancelResume()
+        self._unread = b""
+        self.message_data = []
+        closeWith(self, code, reason)
+        if self.transport is not None and not self._readHeld:
+            self._readHeld = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         server = self.factory.chatServer

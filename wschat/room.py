@@ -15,12 +15,27 @@ from itertools import chain
 from typing import Literal, Protocol
 
 from autobahn.websocket.protocol import PreparedMessage
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from wschat.fastwrite import FastTransport, SharedFrames, Turns
 from wschat.metrics import Metrics
-from wschat.wire import Format, Message, jsonMessage, jsonPresence, relayPayload
+from wschat.wire import (
+    Format,
+    Message,
+    jsonMessage,
+    jsonPresence,
+    jsonPresenceSummary,
+    relayPayload,
+)
 
 Prepare = Callable[[bytes, bool], PreparedMessage]
+
+#: Presence events sent one by one (``join``, ``leave``) within :data:`PRESENCE_WINDOW`
+#: seconds; past them, the rest of the window is summed up in one ``presence`` object. A room
+#: where people come and go a few times a second sees every event; a reconnect storm costs each
+#: JSON client at most this many frames and one summary a second.
+PRESENCE_EVENTS = 10
+PRESENCE_WINDOW = 1.0
 
 
 class Member(Protocol):
@@ -42,6 +57,7 @@ class Room:
         did not ask for JSON.
     @param metrics: counts broadcasts and deliveries (a private one when not given).
     @param now: the time JSON objects are stamped with, in seconds since the epoch.
+    @param clock: times the presence window; without one every event is sent on its own.
     """
 
     def __init__(
@@ -51,8 +67,15 @@ class Room:
         *,
         metrics: Metrics | None = None,
         now: Callable[[], float] = time.time,
+        clock: IReactorTime | None = None,
     ) -> None:
         self._prepare = prepare
+        self._clock = clock
+        # The presence window: when it ends, events sent in it, and those summed up.
+        self._windowEnd = -1.0
+        self._events = 0
+        self._joined = self._left = 0
+        self._summary: IDelayedCall | None = None
         self.format = fmt
         self.metrics = metrics if metrics is not None else Metrics()
         self._now = now
@@ -145,7 +168,35 @@ class Room:
         group = self._groups.get(Format.JSON)
         if not group:
             return
+        clock = self._clock
+        if clock is not None:
+            now = clock.seconds()
+            if now >= self._windowEnd and self._summary is None:
+                self._windowEnd = now + PRESENCE_WINDOW
+                self._events = 0
+            if self._events >= PRESENCE_EVENTS:
+                if kind == "join":
+                    self._joined += 1
+                else:
+                    self._left += 1
+                if self._summary is None:
+                    self._summary = clock.callLater(self._windowEnd - now, self._sumUp)
+                return
+            self._events += 1
         payload = jsonPresence(kind, who, len(self), self._now())
+        self._sendPresence(payload, exclude)
+
+    def _sumUp(self) -> None:
+        """The window is over: one ``presence`` object for the events it held back."""
+        self._summary = None
+        joined, left, self._joined, self._left = self._joined, self._left, 0, 0
+        if self._groups.get(Format.JSON):
+            self._sendPresence(jsonPresenceSummary(joined, left, len(self), self._now()))
+
+    def _sendPresence(self, payload: bytes, exclude: Member | None = None) -> None:
+        group = self._groups.get(Format.JSON)
+        if not group:
+            return
         frame = self._prepare(payload, False)
         members = [member for member in group if member is not exclude]
         for member in members:

@@ -164,7 +164,11 @@ class ChatServer(service.MultiService):
         self.factory = ChatServerFactory(self)
         # The room frames each message once, for every member, with Autobahn's prepareMessage.
         self.room = Room(
-            self.factory.prepareMessage, fmt, metrics=self.metrics, now=reactor.seconds
+            self.factory.prepareMessage,
+            fmt,
+            metrics=self.metrics,
+            now=reactor.seconds,
+            clock=reactor,
         )
         # Where received messages go: this room, or (--redis) every daemon's room.
         self.bus: Bus = LocalBus(self.room)

@@ -65,6 +65,7 @@ def _bounded(
 
 _port = _bounded(int, 0, "a TCP port number (0-65535)", 65535)
 _byteSize = _bounded(parseSize, 1, "a size in bytes, 1 or more (65536, 64K, 1MiB)")
+_bytesOrOff = _bounded(parseSize, 0, "a size in bytes, 0 or more (65536, 64K, 1MiB)")
 _positiveSeconds = _bounded(float, math.ulp(0), "a number of seconds above 0")
 _secondsOrOff = _bounded(float, 0, "a number of seconds, 0 or more")
 _messageRate = _bounded(float, 0, "a number of messages per second, 0 or more", sys.float_info.max)
@@ -179,6 +180,42 @@ LIMIT_PARAMETERS: list[list[Any]] = [
         "Connections from one IP address or IPv6 /64 (0: unlimited); past it HTTP 429.",
         _limitOrOff,
     ],
+    [
+        "inbound-rate",
+        None,
+        _defaults.inboundRate,
+        "Frames (messages, fragments, pings) per second each client is read at on average "
+        "(0: any); a client sending faster is read more slowly, not closed.",
+        _messageRate,
+    ],
+    [
+        "inbound-bytes",
+        None,
+        _defaults.inboundBytes,
+        "Bytes (64K, 1M...) per second each client is read at on average; 0: any.",
+        _bytesOrOff,
+    ],
+    [
+        "inbound-burst",
+        None,
+        _defaults.inboundBurst,
+        "Seconds' worth of --inbound-rate and --inbound-bytes a client may send at once.",
+        _positiveSeconds,
+    ],
+    [
+        "inbound-hold",
+        None,
+        _defaults.inboundHold,
+        "Seconds a client may keep sending past its inbound share before it is closed (1008).",
+        _positiveSeconds,
+    ],
+    [
+        "max-message-frames",
+        None,
+        _defaults.maxMessageFrames,
+        "Frames one message may come in; more close the connection with 1009.",
+        _positiveCount,
+    ],
 ]
 
 
@@ -194,6 +231,11 @@ def limitsFromOptions(options: usage.Options) -> Limits:
         rateBurst=options["rate-burst"],
         maxConnections=options["max-connections"],
         maxConnectionsPerIp=options["max-connections-per-ip"],
+        inboundRate=options["inbound-rate"],
+        inboundBytes=options["inbound-bytes"],
+        inboundBurst=options["inbound-burst"],
+        inboundHold=options["inbound-hold"],
+        maxMessageFrames=options["max-message-frames"],
     )
 
 

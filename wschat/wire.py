@@ -119,6 +119,22 @@ def jsonPresence(kind: Literal["join", "leave"], who: str, online: int, when: fl
     return _json({"type": kind, "who": who, "online": online, "time": isoTime(when)})
 
 
+def jsonPresenceSummary(joined: int, left: int, online: int, when: float) -> bytes:
+    """
+    Many joined and left at once: how many of each since the last presence event, and how
+    many are online now. Sent instead of one ``join`` or ``leave`` each when they come fast.
+    """
+    return _json(
+        {
+            "type": "presence",
+            "joined": joined,
+            "left": left,
+            "online": online,
+            "time": isoTime(when),
+        }
+    )
+
+
 def jsonNotice(text: str, when: float) -> bytes:
     """
     The server tells this client alone something, e.g. that its message was not relayed.

@@ -113,8 +113,20 @@
         setOnline(message.online);
         showEvent(`${message.who} left`, message.time);
         break;
+      case "presence": {
+        // Many joins and leaves at once, summed up.
+        setOnline(message.online);
+        const parts = [];
+        if (message.joined) parts.push(`${message.joined} joined`);
+        if (message.left) parts.push(`${message.left} left`);
+        if (parts.length) showEvent(parts.join(", "), message.time);
+        break;
+      }
       default:
-        break; // a newer server's object: ignore it
+        // A newer server's object: keep what can be kept (the count, a text), as an event.
+        if (Number.isInteger(message.online)) setOnline(message.online);
+        if (typeof message.text === "string") showEvent(message.text, message.time);
+        break;
     }
   }
 
