@@ -61,7 +61,7 @@ def main() -> None:
         p.state = WebSocketProtocol.STATE_OPEN
         # What onOpen decides for a connection that negotiated no compression.
         p._plainFrames = True
-        server.room.join(p, Format.RAW, p.transport)
+        server.room.join(p, Format.RAW, writer=p.transport)
     message = Message("127.0.0.1:54321", b"x" * 64, False)
 
     perTurn = args.per_turn

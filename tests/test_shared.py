@@ -75,7 +75,7 @@ class Room:
         p.state = WebSocketProtocol.STATE_OPEN
         p._plainFrames = True
         p._maxQueue = self.server.limits.maxQueue
-        self.server.room.join(p, Format.RAW, p.transport)
+        self.server.room.join(p, Format.RAW, writer=p.transport)
         return p
 
     def broadcast(self, text: bytes) -> bytes:
@@ -214,7 +214,7 @@ def test_no_fast_write_room_delivers_one_by_one():
     p.transport = fastwrite.wrap(stubTransport(), room.turns)
     p.state = WebSocketProtocol.STATE_OPEN
     p._plainFrames = True
-    room.server.room.join(p, Format.RAW, p.transport)
+    room.server.room.join(p, Format.RAW, writer=p.transport)
     room.busy()
     frame = room.broadcast(b"x")
     assert p.transport.shared is None

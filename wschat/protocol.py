@@ -374,7 +374,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
         if self._refusing or self.state != _OPEN:
             return
         self._refusing = True
-        self._log.info("Closing {peer}: {reason}", peer=self.address, reason=reason)
+        self._logLine("Closing {peer}: {reason}", peer=self.address, reason=reason)
         self._cancelResume()
         self._unread = b""
         self.message_data = []
