@@ -80,6 +80,8 @@ SERVERS: dict[str, Callable[[int, str], list[str]]] = {
     "wschat-prefixed": _wschat("--format", "prefixed", "--no-message-log"),
     "wschat-log": _wschat("--format", "raw"),
     "wschat-quiet": _wschat("--format", "raw", "--no-message-log", "--no-connection-log"),
+    # History off: what keeping the recovery window (on by default) costs.
+    "wschat-nohistory": _wschat("--format", "raw", "--no-message-log", "--history", "0"),
     "websockets": _script(PEERS / "websockets_server.py"),
     "node-ws": lambda port, logdir: ["node", str(PEERS / "node-ws" / "server.js"), str(port)],
     "picows": _script(PEERS / "picows_server.py"),

@@ -27,6 +27,7 @@ def say(page: Page, text: str) -> None:
     page.fill("#text", text)
     page.press("#text", "Enter")
     expect(page.locator("#log li.msg.own .bubble").last).to_have_text(text)
+    expect(page.locator("#log li.pending")).to_have_count(0)  # relayed, no longer dimmed
 
 
 def main() -> None:

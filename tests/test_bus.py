@@ -56,8 +56,10 @@ class EnvelopeTests(SynchronousTestCase):
         self.assertLessEqual(len(encodeEnvelope(e)) - len(payload), 40)
 
     def test_laterFieldsIgnored(self) -> None:
-        """A version-1 reader ignores fields a later writer appends."""
-        self.assertEqual(decodeEnvelope(envelope(extra=["more", 3])).message.payload, b"hello")
+        """A version-1 reader ignores fields a later writer appends (after id, epoch, seq)."""
+        decoded = decodeEnvelope(envelope(extra=["k-1", "ab", 3, "more", 3]))
+        assert isinstance(decoded, Envelope)
+        self.assertEqual((decoded.message.payload, decoded.message.id), (b"hello", "k-1"))
 
     def test_malformed(self) -> None:
         """Anything but a version-1 envelope is refused with MalformedEnvelope."""

@@ -158,10 +158,11 @@ class MemoryJSONTests(SynchronousTestCase):
         """A JSON client's welcome is stamped with the server's reactor time."""
         clock = MemoryReactorClock()
         clock.advance(1700000000.5)
-        server = ChatServer(reactor=clock).factory
+        chat = ChatServer(reactor=clock)
+        assert chat.history is not None
         client = QueueClientFactory("ws://127.0.0.1:2000", protocols=[JSON_SUBPROTOCOL])
         _, proto, pump = memoryConnection(
-            server, client, peer=IPv4Address("TCP", "192.0.2.7", 40000)
+            chat.factory, client, peer=IPv4Address("TCP", "192.0.2.7", 40000)
         )
         pump.flush()
         payload, isBinary = self.successResultOf(proto.messages.get())
@@ -174,6 +175,9 @@ class MemoryJSONTests(SynchronousTestCase):
                 "online": 1,
                 "text": WELCOME,
                 "time": "2023-11-14T22:13:20.500Z",
+                "maxMessageSize": 65536,
+                "epoch": chat.history.epoch,
+                "seq": 0,
             },
         )
 
@@ -188,7 +192,15 @@ async def test_json_client_negotiates_and_gets_welcome(daemon):
     assert js.websocket_protocol_in_use == JSON_SUBPROTOCOL
     welcome = await nextObject(js)
     assert ISO.match(welcome.pop("time"))
-    assert welcome == {"type": "welcome", "you": js.address, "online": 2, "text": WELCOME}
+    assert re.fullmatch("[0-9a-f]{16}", welcome.pop("epoch"))
+    assert welcome == {
+        "type": "welcome",
+        "you": js.address,
+        "online": 2,
+        "text": WELCOME,
+        "maxMessageSize": 65536,
+        "seq": 0,
+    }
 
 
 @pytest_twisted.ensureDeferred
@@ -214,7 +226,13 @@ async def test_plain_and_json_clients_share_messages(daemon):
     assert await plain.nextText() == f"{plain.address}: hi <b>there</b>"
     message = await nextObject(js)
     assert ISO.match(message.pop("time"))
-    assert message == {"type": "message", "from": plain.address, "text": "hi <b>there</b>"}
+    assert message.pop("epoch") == service.history.epoch
+    assert message == {
+        "type": "message",
+        "from": plain.address,
+        "text": "hi <b>there</b>",
+        "seq": 1,
+    }
 
     js.sendText("from json")
     assert await plain.nextText() == f"{js.address}: from json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -28,7 +29,7 @@ from wschat.redisbus import (
 from wschat.room import Room
 from wschat.server import DEFAULT_WELCOME, ChatServer
 from wschat.testing import QueueClientProtocol, bySender, closeAll, connect
-from wschat.wire import Message
+from wschat.wire import JSON_SUBPROTOCOL, Message
 
 REFUSAL = f"wschat: {REFUSED_DOWN}"
 
@@ -211,7 +212,9 @@ async def test_redis_absent_at_start(redis, daemon, logged):
 async def test_garbage_on_channel(redis, daemon, logged):
     """Malformed envelopes on the channel are logged and skipped; a valid foreign one is relayed."""
     server = await redis()
-    (a, urlA), (b, urlB) = daemon("--redis", server.url), daemon("--redis", server.url)
+    # Without history: a foreign version-1 envelope without a position is relayed as it is.
+    noHistory = ("--redis", server.url, "--history", "0")
+    (a, urlA), (b, urlB) = daemon(*noHistory), daemon(*noHistory)
     await allUp(a, b)
     ca, cb = await opened(urlA) + await opened(urlB)
     garbage = [b"garbage", b"", b"\x96\x02\xa1n\xa1s\xc2\xcb", b"\x81\xa1v\x01"]
@@ -318,9 +321,12 @@ async def test_publish_lost_in_flight(redis, daemon):
 
 @pytest_twisted.ensureDeferred
 async def test_publish_reaches_no_daemon(redis, daemon):
-    """A message Redis relayed to no subscriber at all: its sender is told it was not delivered."""
+    """
+    Without history, a message Redis relayed to no subscriber at all: its sender is told it was
+    not delivered. (With history it is kept: see test_redis_history.)
+    """
     server = await redis()
-    service, url = daemon("--redis", server.url)
+    service, url = daemon("--redis", server.url, "--history", "0")
     await allUp(service)
     [client] = await opened(url)
     await redisCommand(server, "CLIENT", "PAUSE", "10000", "WRITE")
@@ -439,3 +445,23 @@ async def test_no_link_up_while_stopped(redis, logged):
         assert any("Redis link up" in line and "(down " in line for line in logged)
     finally:
         await bus.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_id_crosses_daemons(redis, daemon):
+    """A JSON send's id comes back on its relayed copy, on its own daemon and on the others."""
+    server = await redis()
+    (a, urlA), (b, urlB) = (daemon("--redis", server.url, "--no-message-log") for _ in range(2))
+    await allUp(a, b)
+    sender = await connect(urlA, protocols=[JSON_SUBPROTOCOL])
+    other = await connect(urlB, protocols=[JSON_SUBPROTOCOL])
+    for c in (sender, other):
+        assert json.loads(await c.nextText())["type"] == "welcome"
+    sender.sendText(json.dumps({"type": "send", "text": "once", "id": "k-1"}))
+    for c in (sender, other):
+        got = json.loads(await c.nextText())
+        while got["type"] == "join":
+            # Presence is room-wide: the other daemon's client's join may come first.
+            got = json.loads(await c.nextText())
+        assert (got["type"], got["text"], got["id"]) == ("message", "once", "k-1")
+    await closeAll([sender, other])

@@ -295,3 +295,33 @@ async def test_a_mixed_room_gets_every_message_in_one_order(daemon, tmp_path):
     for c in [*everyone, json]:
         c.sendClose(1000)
     await defer.gatherResults([c.closed for c in [*everyone, json]])
+
+
+def test_a_replay_that_goes_live_mid_turn_gets_each_message_once():
+    """
+    A member replaying history that reaches the head during a busy turn gets the turn's
+    earlier messages from the replay and the later ones from the shared buffer: each once.
+    """
+    room = Room()
+    other = room.member()
+    history = room.server.history
+    assert history is not None
+    before = room.broadcast(b"before")
+    room.endTurn()
+    room.busy()
+    during = room.broadcast(b"during")
+    p: ChatServerProtocol = room.server.factory.buildProtocol(None)
+    p.transport = fastwrite.wrap(stubTransport(), room.turns)
+    p._connectionMade()
+    p.closeHandshakeTimeout = 0
+    p.state = WebSocketProtocol.STATE_OPEN
+    p._plainFrames = True
+    p._replayBudget = 1 << 20
+    start, _ = history.start(None, 2)
+    room.server.room.join(p, Format.RAW, start, writer=p.transport)
+    room.server.room.catchUp(p)
+    assert not room.server.room.replaying(p)
+    after = room.broadcast(b"after")
+    room.endTurn()
+    assert sock(p).received() == before + during + after
+    assert sock(other).received() == before + during + after

@@ -9,6 +9,8 @@ per broadcast (never once per recipient).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -18,6 +20,9 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+if TYPE_CHECKING:
+    from wschat.history import History
+
 __all__ = [
     "KNOWN_CLOSE_CODES",
     "Metrics",
@@ -26,6 +31,7 @@ __all__ = [
     "REFUSED_BINARY",
     "REFUSED_RATE_LIMIT",
     "REFUSED_RELAY",
+    "REFUSED_COMMAND",
 ]
 
 #: Close codes that keep their own ``code`` label in ``wschat_connections_closed_total``: the
@@ -49,6 +55,7 @@ def closeCodeLabel(code: int | None) -> str:
 REFUSED_RATE_LIMIT = "rate limit"
 REFUSED_BINARY = "binary"
 REFUSED_RELAY = "relay unavailable"
+REFUSED_COMMAND = "malformed command"
 
 
 class Metrics:
@@ -107,6 +114,29 @@ class Metrics:
             "Clients disconnected because their outgoing queue was full.",
             registry=registry,
         )
+        self._duplicates = Counter(
+            "wschat_messages_deduplicated",
+            "Messages not relayed because a message with the same id was already relayed "
+            "inside the history window (resends).",
+            registry=registry,
+        )
+        self._historyMessages = Gauge(
+            "wschat_history_messages",
+            "Messages held in the history window.",
+            registry=registry,
+        )
+        self._historyBytes = Gauge(
+            "wschat_history_bytes",
+            "Bytes held for the messages of the history window (payloads and cached frames).",
+            registry=registry,
+        )
+        self._recoveries = Counter(
+            "wschat_recoveries",
+            "Clients that connected with since=: recovered everything they missed (true) "
+            "or not (false: another epoch, or older than the window).",
+            ["recovered"],
+            registry=registry,
+        )
         self._refused = Counter(
             "wschat_messages_refused",
             "Messages refused by a limit, by reason.",
@@ -140,6 +170,21 @@ class Metrics:
         self._frames.inc(frames)
         self._bytes.inc(size)
 
+    # -- history
+
+    def watchHistory(self, history: History) -> None:
+        """Report ``history``'s size whenever metrics are read (nothing per message)."""
+        self._historyMessages.set_function(lambda: len(history))
+        self._historyBytes.set_function(lambda: history.bytes)
+
+    def recovery(self, recovered: bool) -> None:
+        """A client connected with ``since``; ``recovered`` says whether it got everything."""
+        self._recoveries.labels(recovered="true" if recovered else "false").inc()
+
+    def duplicateRefused(self) -> None:
+        """A message was not relayed: its client-chosen id was already relayed."""
+        self._duplicates.inc()
+
     # -- limits (called by the code that enforces them)
 
     def clientDropped(self) -> None:
@@ -149,6 +194,6 @@ class Metrics:
     def messageRefused(self, reason: str) -> None:
         """
         A message was refused; ``reason`` is one of the fixed labels :data:`REFUSED_RATE_LIMIT`,
-        :data:`REFUSED_BINARY`, :data:`REFUSED_RELAY`.
+        :data:`REFUSED_BINARY`, :data:`REFUSED_RELAY`, :data:`REFUSED_COMMAND`.
         """
         self._refused.labels(reason=reason).inc()

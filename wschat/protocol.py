@@ -29,14 +29,18 @@ from wschat.closing import (
     closeWith,
 )
 from wschat.handshake import forwardedClient, senderAddress
+from wschat.history import BadQuery, Position, parseQuery
 from wschat.limits import InboundBudget, Limits, TokenBucket, hostKey
 from wschat.logtext import escapeLogText
-from wschat.metrics import REFUSED_BINARY, REFUSED_RATE_LIMIT, REFUSED_RELAY
+from wschat.metrics import REFUSED_BINARY, REFUSED_COMMAND, REFUSED_RATE_LIMIT, REFUSED_RELAY
 from wschat.wire import (
     JSON_SUBPROTOCOL,
+    BadCommand,
     Format,
     Message,
+    jsonDuplicate,
     jsonNotice,
+    parseCommand,
 )
 
 if TYPE_CHECKING:
@@ -44,6 +48,9 @@ if TYPE_CHECKING:
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 MESSAGE_TOO_BIG = WebSocketProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG  # 1009
+
+#: The most a history replay writes to one connection in one reactor turn.
+_REPLAY_CHUNK = 64 * 1024
 
 #: Handshake response header naming ``--max-message-size`` in bytes.
 MAX_MESSAGE_SIZE_HEADER = "X-WSChat-Max-Message-Size"
@@ -89,6 +96,13 @@ class ChatServerProtocol(WebSocketServerProtocol):
     _bucket: TokenBucket | None = None
     # What this connection counts as in the per-address limit, once counted.
     _hostKey: str | None = None
+    # What it asked for in its URL's query: recover after a position, or the last N messages.
+    _since: Position | None = None
+    _last: int | None = None
+    # Replaying history: bytes it may still write in this reactor turn, and the next turn's
+    # continuation once scheduled.
+    _replayBudget = 0
+    _replayNext: IDelayedCall | None = None
 
     # The read side, apart from the write side's _paused: this connection's share of the
     # room's inbound work, and whether its reading is held back (transport.pauseProducing)
@@ -129,6 +143,8 @@ class ChatServerProtocol(WebSocketServerProtocol):
     def resumeProducing(self) -> None:
         self._paused = False
         self._unsent = 0
+        if self._replayNext is None and self.factory.chatServer.room.replaying(self):
+            self._replay()
 
     def stopProducing(self) -> None:
         pass
@@ -161,6 +177,9 @@ class ChatServerProtocol(WebSocketServerProtocol):
         self._cancelResume()
         self._unread = b""
         super().connectionLost(reason)
+        if self._replayNext is not None and self._replayNext.active():
+            self._replayNext.cancel()
+        self._replayNext = None
         # A message cut off by the close: its fragments go now, not with the protocol.
         self.message_data = []
         # The dead transport still holds what it could not send (up to --max-queue and its
@@ -180,6 +199,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
         peer = self.transport.getPeer()
         client = forwardedClient(headers.get("x-forwarded-for"), server.trustedHops)
         self.address = senderAddress(peer, client)
+        self._askHistory()
         self._admit(client or peer)
         # Clients learn the largest message accepted, so they can refuse longer ones themselves.
         answer = {MAX_MESSAGE_SIZE_HEADER: str(server.limits.maxMessageSize)}
@@ -188,6 +208,22 @@ class ChatServerProtocol(WebSocketServerProtocol):
             return JSON_SUBPROTOCOL, answer
         self.format = server.room.format
         return None, answer
+
+    def _askHistory(self) -> None:
+        """
+        Read ``since=EPOCH:SEQ`` and ``history=N`` from the URL's query; refuse (400) a
+        malformed one, or any when history is off.
+        """
+        query = self.http_request_uri.partition("?")[2]
+        if not query:
+            return
+        try:
+            since, last = parseQuery(query)
+        except BadQuery as e:
+            raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, str(e)) from None
+        if (since is not None or last is not None) and self.factory.chatServer.history is None:
+            raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "history is off")
+        self._since, self._last = since, last
 
     def _admit(self, client: Any) -> None:
         """
@@ -211,18 +247,52 @@ class ChatServerProtocol(WebSocketServerProtocol):
         # An idle connection holds only what it still needs: see wschat.lean.
         lean.trimOpenConnection(self)
         server = self.factory.chatServer
+        since = self._since
+        if since is not None and server.history is not None:
+            # A shared bus may first bring in what this daemon's window lacks: the client is
+            # told whether it recovered, and joins, once that is known.
+            filling = server.bus.backfill(since)
+            if filling is not None:
+                filling.addBoth(self._backfilled)
+                return
+        self._enter()
+
+    def _backfilled(self, _: object) -> None:
+        if self.state != _OPEN:
+            return
+        if self.factory.chatServer.shuttingDown:
+            closeWith(self, GOING_AWAY, "server shutting down")
+            return
+        self._enter()
+
+    def _enter(self) -> None:
+        """Join the room: greeting, replay (if asked for), then live messages."""
+        server = self.factory.chatServer
+        room = server.room
+        history = room.history
+        start: int | None = None
+        recovered: bool | None = None
+        if history is not None and (self._since is not None or self._last is not None):
+            start, recovered = history.start(self._since, self._last)
+            if self._since is None:
+                recovered = None
+            else:
+                server.metrics.recovery(recovered)
+        # Join, greet and start the replay in one go: no message can come in between.
         writer = self.transport if self._plainFrames else None
-        server.room.join(
-            self, self.format, writer if isinstance(writer, fastwrite.FastTransport) else None
-        )
+        if not isinstance(writer, fastwrite.FastTransport):
+            writer = None
+        room.join(self, self.format, start, writer)
         server.metrics.connectionOpened()
         if server.logConnections:
             self._logLine("New connection from {peer}", peer=self.address)
-        greeting = server.greeting(self)
+        greeting = server.greeting(self, recovered)
         if greeting:
             self.sendMessage(greeting)
             server.metrics.delivered(1, len(greeting))
-        server.room.announce("join", self.address, exclude=self)
+        if room.replaying(self):
+            self._replay()
+        room.announce("join", self.address, exclude=self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.state != WebSocketProtocol.STATE_OPEN:
@@ -244,9 +314,19 @@ class ChatServerProtocol(WebSocketServerProtocol):
             server.metrics.messageRefused(REFUSED_BINARY)
             closeWith(self, UNSUPPORTED_DATA, "binary messages are not accepted; send text")
             return
+        message = Message(self.address, payload, isBinary)
+        if self.format is Format.JSON and not isBinary:
+            try:
+                command = parseCommand(payload)
+            except BadCommand as e:
+                server.metrics.messageRefused(REFUSED_COMMAND)
+                self._notice(str(e))
+                return
+            if command is not None:
+                message = Message(self.address, command.text.encode("utf-8"), False, command.id)
         if server.logMessages:
-            self._logMessage(payload, isBinary)
-        server.bus.publish(Message(self.address, payload, isBinary), self)
+            self._logMessage(message.payload, isBinary)
+        server.bus.publish(message, self)
 
     def onPing(self, payload: bytes) -> None:
         if self.state != _OPEN:
@@ -403,6 +483,46 @@ class ChatServerProtocol(WebSocketServerProtocol):
         # Last: the last connection gone may stop the daemon (and flush the log) right here.
         self._fireGone()
 
+    # -- replaying history (wschat.room.Replayer)
+
+    def _replay(self) -> None:
+        """
+        Send history while the transport takes it: at most half of ``--max-queue`` (and
+        64 KiB) a reactor turn, and none while the transport is paused; continue in the next
+        turn, or when the transport drains. A write may wait in the transport (a turn's writes
+        leave together at its end), so the budget, not only the pause, bounds what a replay
+        holds: the socket's buffer plus ``--max-queue``, as for a slow live client.
+        """
+        self._replayNext = None
+        room = self.factory.chatServer.room
+        self._replayBudget = max(1, min(_REPLAY_CHUNK, self._maxQueue // 2))
+        room.catchUp(self)
+        if room.replaying(self) and self.state == _OPEN and not self._paused:
+            # Out of budget for this turn, not out of room: carry on in the next one.
+            self._replayNext = self.factory.chatServer.reactor.callLater(0, self._replay)
+
+    def writable(self) -> bool:
+        return self.state == _OPEN and not self._paused and self._replayBudget > 0
+
+    def deliverNow(self, frame: PreparedMessage) -> None:
+        data = frame.payloadHybi
+        self._replayBudget -= len(data)
+        if self._plainFrames:
+            self.transport.write(data)  # type: ignore[union-attr]
+        else:
+            self.sendPreparedMessage(frame)
+
+    def fellBehind(self) -> None:
+        self._logLine(
+            "Closing {peer}: its history replay fell out of the window", peer=self.address
+        )
+        self.factory.chatServer.metrics.clientDropped()
+        closeWith(
+            self,
+            POLICY_VIOLATION,
+            "too slow: the history replay fell out of the window; reconnect to recover",
+        )
+
     def deliver(self, frame: PreparedMessage) -> None:
         # sendPreparedMessage does not check the state itself: a frame written after our
         # close frame would break the closing handshake.
@@ -433,17 +553,35 @@ class ChatServerProtocol(WebSocketServerProtocol):
         Tell this client the bus did not relay its message: the text ``wschat: <reason>``,
         or a JSON ``notice`` object.
         """
-        server = self.factory.chatServer
-        server.metrics.messageRefused(REFUSED_RELAY)
+        self.factory.chatServer.metrics.messageRefused(REFUSED_RELAY)
+        self._notice(reason)
+
+    def _notice(self, reason: str) -> None:
+        """
+        Tell this client alone something: the text ``wschat: <reason>``, or a JSON ``notice``.
+        """
         if self.state == WebSocketProtocol.STATE_OPEN:
             if self.format is Format.JSON:
-                notice = jsonNotice(reason, server.reactor.seconds())
+                notice = jsonNotice(reason, self.factory.chatServer.reactor.seconds())
             else:
                 notice = b"wschat: " + reason.encode("utf-8")
             # A client that sends but never reads must not grow its queue of notices either.
             if self._paused and self._overQueue(len(notice) + 2):
                 return
             self.sendMessage(notice)
+
+    def duplicate(self, mid: str, position: Position) -> None:
+        """
+        Tell this client its message ``mid`` was already relayed (at ``position``) and so
+        was not relayed again: a JSON ``duplicate`` object (only JSON clients send ids).
+        """
+        server = self.factory.chatServer
+        server.metrics.duplicateRefused()
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            answer = jsonDuplicate(mid, position.epoch, position.seq)
+            if self._paused and self._overQueue(len(answer) + 2):
+                return
+            self.sendMessage(answer)
 
     def goAway(self) -> Deferred[None]:
         """

@@ -15,6 +15,18 @@ number and bytes, and a Redis that has left one unanswered for :data:`STALL_TIME
 answers again; either way new messages are refused with a notice instead of piling up in
 memory. The link counts as up only once Redis has answered a PING on both connections.
 
+With history on, Redis numbers the messages: one script (:mod:`wschat.redishistory`) checks the
+message's id against the window, gives it the room's next position, appends it to the room's
+history (a Redis Stream) and publishes it, atomically, so that every daemon relays it at the
+same position. Each daemon keeps the recent window in memory as a replica (filled from the
+Stream when the link comes up, then from the channel); when the channel skipped messages
+(the link was lost) they are read back from the Stream before going on, and a client
+recovering further back than the replica reaches is served from the Stream
+(:meth:`RedisBus.backfill`).
+
+Presence is room-wide: each daemon reports its connection count and their joins and leaves
+(:mod:`wschat.presence`), and shows the other daemons' to its JSON clients.
+
 This module imports the Redis client (txredisapi) and MessagePack: the ``redis`` extra.
 """
 
@@ -23,12 +35,14 @@ from __future__ import annotations
 import secrets
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import txredisapi
 from twisted.application import service
 from twisted.internet import defer, endpoints, error, task
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
@@ -38,8 +52,30 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wschat.bus import Origin
-from wschat.envelope import Envelope, MalformedEnvelope, decodeEnvelope, encodeEnvelope
+from wschat.envelope import (
+    Envelope,
+    MalformedEnvelope,
+    PresenceEnvelope,
+    PresenceEvent,
+    decodeEnvelope,
+    encodeEnvelope,
+    encodePresence,
+    envelopeHead,
+)
+from wschat.history import History, Position, newEpoch
+from wschat.presence import PresenceView
 from wschat.redisaddress import DEFAULT_CHANNEL, RedisAddress
+from wschat.redishistory import (
+    MalformedReply,
+    Stored,
+    goodbyeScript,
+    readAlive,
+    readRelayed,
+    readScript,
+    readStored,
+    relayScript,
+    reportScript,
+)
 from wschat.room import Room
 from wschat.wire import Format, Message
 
@@ -62,6 +98,17 @@ MAX_BACKLOG = 5_000
 #: limit.
 MAX_BACKLOG_BYTES = 16 * 1024 * 1024
 
+#: Seconds a daemon's connections count in the room after its last report (each heartbeat
+#: renews it): a daemon that dies without saying goodbye drops out within this time.
+PRESENCE_TTL = 15.0
+#: Joins and leaves waiting to be reported to the other daemons, at most: they go one report
+#: at a time, and a Redis that does not answer must not make them pile up. Past it the oldest
+#: are not told (the counts stay right).
+MAX_PRESENCE_EVENTS = 1_000
+#: Messages from the channel held while the history is read back from Redis (one round trip),
+#: at most; past it they are relayed at once, and the window starts afresh if there is a gap.
+MAX_HELD = 10_000
+
 #: Told to a sender whose message was refused because the link to Redis is down.
 REFUSED_DOWN = "message not delivered: the room is unavailable (Redis link down); try again later"
 #: Told to a sender whose message Redis took but relayed to no daemon at all.
@@ -76,11 +123,32 @@ REFUSED_STALLED = (
 REFUSED_BACKLOG = (
     "message not delivered: the room is overloaded (too much waiting for Redis); try again later"
 )
+#: Told to a sender whose message Redis answered with an error (out of memory, ...).
+REFUSED_ERROR = "message not delivered: Redis refused it ({error}); try again later"
 
 
 def _count(n: int, noun: str) -> str:
     """``1 message``, ``2 messages``."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+@dataclass(eq=False)
+class _Fetch:
+    """A read of the history in Redis for recovering clients, and who waits for it."""
+
+    epoch: str
+    start: int
+    waiters: list[defer.Deferred[None]] = field(default_factory=list)
+
+    def done(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+
+def _fire(waiter: defer.Deferred[None]) -> None:
+    if not waiter.called:
+        waiter.callback(None)
 
 
 class _Waiting:
@@ -211,6 +279,7 @@ class RedisBus(service.Service):
         stallTimeout: float = STALL_TIMEOUT,
         maxBacklog: int = MAX_BACKLOG,
         maxBacklogBytes: int = MAX_BACKLOG_BYTES,
+        presenceTTL: float = PRESENCE_TTL,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -249,6 +318,30 @@ class RedisBus(service.Service):
         self._refusedWhenFull = 0
         self._complained = False
         self._gaveUp = False
+        # History (None: off, messages go out with PUBLISH and carry no position).
+        self.history: History | None = room.history
+        self._positionKey = f"{channel}:position"
+        self._historyKey = f"{channel}:history"
+        # Messages from the channel held while the history is read back (None: not holding).
+        self._held: list[Stored.Entry] | None = None
+        self._reading: object | None = None
+        self._fetches: list[_Fetch] = []
+        # Recovering clients waiting for a read-back to end.
+        self._readWaiters: list[defer.Deferred[None]] = []
+        # The oldest position of the epoch worth reading back for a recovering client.
+        self._floor = Position("", 0)
+        #: Messages read back from Redis's history and relayed (ones the channel skipped).
+        self.readBack = 0
+        # Presence: the other daemons' counts, and this one's joins and leaves to report.
+        self.presenceTTL = presenceTTL
+        self.presence = PresenceView(self.node, presenceTTL, reactor.seconds)
+        self._presenceKey = f"{channel}:presence"
+        self._alivePrefix = f"{channel}:alive:"
+        self._events: deque[PresenceEvent] = deque(maxlen=MAX_PRESENCE_EVENTS)
+        self._reporting = False
+        self._version = 0
+        room.elsewhere = self.presence.elsewhere
+        room.presenceWatcher = self._presenceChanged
 
     @property
     def available(self) -> bool:
@@ -277,15 +370,30 @@ class RedisBus(service.Service):
             self._stall(now)
             self._refuse(origin, REFUSED_STALLED)
             return
-        data = encodeEnvelope(Envelope(message, self.node, now))
-        size = len(data)
+        history = self.history
+        if history is None:
+            data = encodeEnvelope(Envelope(message, self.node, now))
+            size = len(data)
+        else:
+            head = envelopeHead(message, self.node, now)
+            size = len(head)
         if self.backlog >= self.maxBacklog or self.backlogBytes + size > self.maxBacklogBytes:
             self._backlogIsFull()
             self.refused += 1
             origin.refused(REFUSED_BACKLOG)
             return
         try:
-            sent = publisher.publish(self.channel, data)
+            if history is None:
+                sent = publisher.publish(self.channel, data)
+            else:
+                keys = [self._positionKey, self._historyKey]
+                if message.id is not None:
+                    keys.append(f"{self.channel}:id:{message.id}")
+                sent = relayScript(
+                    publisher,
+                    keys,
+                    [newEpoch(), history.maxCount, self._lifetime(), self.channel, head],
+                ).addCallback(self._numbered, message)
         except txredisapi.ConnectionError:
             self._refuse(origin, REFUSED_DOWN)
             return
@@ -300,6 +408,19 @@ class RedisBus(service.Service):
             callbackArgs=(origin, waiting),
             errbackArgs=(origin, waiting),
         )
+
+    def _lifetime(self) -> int:
+        """Milliseconds the history and message ids live in Redis: the window's age."""
+        assert self.history is not None
+        return max(1, round(self.history.maxAge * 1000))
+
+    def _numbered(self, reply: object, message: Message) -> object:
+        relayed = readRelayed(reply)
+        if relayed.duplicate:
+            return (message, Position(relayed.epoch, relayed.seq))
+        # In the room's history now: a daemon not subscribed at this moment (even this one)
+        # reads it back from there when it subscribes again.
+        return None
 
     def _answered(self, waiting: _Waiting) -> None:
         waiting.answered = True
@@ -335,12 +456,22 @@ class RedisBus(service.Service):
 
     def _delivered(self, receivers: object, origin: Origin, waiting: _Waiting) -> None:
         self._answered(waiting)
+        if isinstance(receivers, tuple):
+            # Its id was relayed already, at that position: not again.
+            message, position = receivers
+            origin.duplicate(message.id, position)
         # PUBLISH answers how many subscribers got it; none means not even this daemon.
-        if receivers == 0:
+        elif receivers == 0 and self.history is None:
             self._refuse(origin, REFUSED_NO_ROOM)
 
     def _lost(self, reason: Failure, origin: Origin, waiting: _Waiting) -> None:
         self._answered(waiting)
+        if reason.check(txredisapi.ResponseError, MalformedReply):
+            # Redis answered, with an error: it did not relay the message.
+            why = reason.getErrorMessage()
+            self._log.warn("Redis refused a message: {why}", why=why)
+            self._refuse(origin, REFUSED_ERROR.format(error=why[:80]))
+            return
         self._refuse(origin, REFUSED_LOST)
 
     def _stall(self, now: float) -> None:
@@ -389,7 +520,7 @@ class RedisBus(service.Service):
         Relay an envelope that came in on the channel to this daemon's room, or skip it.
         """
         try:
-            envelope = decodeEnvelope(data)
+            decoded = decodeEnvelope(data)
         except MalformedEnvelope as e:
             self.malformed += 1
             self._log.warn(
@@ -399,6 +530,10 @@ class RedisBus(service.Service):
                 why=str(e),
             )
             return
+        if isinstance(decoded, PresenceEnvelope):
+            self._presenceReceived(decoded)
+            return
+        envelope = decoded
         message = envelope.message
         if message.isBinary and self.room.format is Format.PREFIXED:
             # A daemon in raw format shares the channel: its binary messages have no place in
@@ -412,13 +547,353 @@ class RedisBus(service.Service):
                 channel=self.channel,
             )
             return
+        history = self.history
+        if history is None:
+            self._relay(envelope, None)
+            return
+        position = envelope.position
+        if position is None:
+            self.malformed += 1
+            self._log.warn(
+                "Skipped a message without a position from node {node} on channel "
+                "{channel!r}: this daemon keeps history, that one does not; give every "
+                "daemon on a channel the same --history (0 or not)",
+                node=envelope.node,
+                channel=self.channel,
+            )
+            return
+        held = self._held
+        if held is not None:
+            held.append((position, envelope))
+            if len(held) > MAX_HELD:
+                self._release()
+            return
+        self._relay(envelope, position)
+
+    def _relay(
+        self, envelope: Envelope, position: Position | None, mayReadBack: bool = True
+    ) -> None:
+        """
+        Relay ``envelope`` to the room at ``position``; skip one already relayed (read back
+        from the history first), and read back what the channel skipped before a gap.
+        """
+        history = self.history
+        if history is not None and position is not None and position.epoch == history.epoch:
+            if position.seq <= history.head:
+                return
+            if position.seq > history.head + 1 and mayReadBack:
+                if self._readBack((position, envelope)):
+                    return
         self.received += 1
         try:
             # JSON clients on every daemon see the time the sender's daemon stamped.
-            self.room.broadcast(message, envelope.time)
+            if history is None:
+                self.room.broadcast(envelope.message, envelope.time)
+            else:
+                self.room.broadcast(envelope.message, envelope.time, position)
         except Exception:
             # Never let a bug here tear down the subscription for everyone.
             self._log.failure("Relaying a message from the channel failed")
+
+    # The history in Redis
+
+    def _read(self, epoch: str, after: int) -> defer.Deferred[Stored]:
+        """
+        Read the room's history in Redis after ``after`` of ``epoch`` (or, if the room is
+        in another epoch now, its last messages).
+
+        @raise txredisapi.ConnectionError: the link is down.
+        """
+        assert self.history is not None
+        if self._publisher is None:
+            raise txredisapi.ConnectionError("no link to Redis")
+        return readScript(
+            self._publisher,
+            [self._positionKey, self._historyKey],
+            [newEpoch(), epoch, f"{after + 1}-0", self.history.maxCount],
+        ).addCallback(readStored)
+
+    def _readBack(self, gap: Stored.Entry | None = None) -> bool:
+        """
+        Hold what the channel brings while reading back from Redis what this daemon has not
+        relayed (the channel skipped it, or the link has just come up), then relay both in
+        order. False if no read can start now.
+        """
+        history = self.history
+        if history is None or self._reading is not None or self._publisher is None:
+            return False
+        held = self._held = [] if self._held is None else self._held
+        if gap is not None:
+            held.append(gap)
+        token = self._reading = object()
+        epoch, head = history.epoch, history.head
+        timeout = self._reactor.callLater(self.stallTimeout, self._readTimedOut, token)
+
+        def read(stored: Stored) -> None:
+            if timeout.active():
+                timeout.cancel()
+            if self._reading is token:
+                self._readDone(stored)
+
+        def failed(reason: Failure) -> None:
+            if timeout.active():
+                timeout.cancel()
+            if self._reading is token:
+                self._log.warn(
+                    "Reading the room's history back from Redis failed ({why}); going on "
+                    "without it",
+                    why=reason.getErrorMessage(),
+                )
+                self._release()
+
+        try:
+            self._read(epoch, head).addCallbacks(read, failed)
+        except txredisapi.ConnectionError:
+            timeout.cancel()
+            self._release()
+        return True
+
+    def _readTimedOut(self, token: object) -> None:
+        if self._reading is token:
+            self._log.warn(
+                "Redis did not answer a read of the room's history within {timeout:g} s; "
+                "going on without it",
+                timeout=self.stallTimeout,
+            )
+            self._release()
+
+    def _readDone(self, stored: Stored) -> None:
+        history = self.history
+        assert history is not None
+        if stored.after and stored.epoch == history.epoch:
+            # The same epoch: relay what this daemon missed, as any message.
+            for position, envelope in stored.entries:
+                if position.seq > history.head:
+                    self.readBack += 1
+                    self._relay(envelope, position, mayReadBack=False)
+            if history.epoch == stored.epoch and history.head < stored.head:
+                # Gone from Redis too (older than the window): the window starts afresh.
+                history.restart(stored.epoch, stored.head)
+        else:
+            # Another epoch (this daemon has just started, or Redis lost its data): the
+            # last messages of the room's history fill the window without being sent to
+            # anyone; what the channel brought meanwhile is relayed after them.
+            live = [p.seq for p, _ in self._held or () if p.epoch == stored.epoch]
+            until = min(live) - 1 if live else stored.head
+            fill = [(p, e) for p, e in stored.entries if p.seq <= until]
+            history.restart(stored.epoch, fill[0][0].seq - 1 if fill else until)
+            for position, envelope in fill:
+                history.append(position, envelope.message, envelope.time, envelope.time)
+            if history.epoch == stored.epoch and history.head < until:
+                history.restart(stored.epoch, until)
+            self._log.info(
+                "The room's history in Redis: epoch {epoch}, {count} recent messages up to "
+                "seq {head}",
+                epoch=stored.epoch,
+                count=len(history),
+                head=until,
+            )
+        if stored.malformed:
+            self.malformed += stored.malformed
+            self._log.warn(
+                "Skipped {count} unreadable entries of the room's history in Redis",
+                count=stored.malformed,
+            )
+        self._release()
+
+    def _release(self) -> None:
+        """Relay the messages held during a read, and stop holding."""
+        held, self._held = self._held, None
+        self._reading = None
+        for position, envelope in held or ():
+            self._relay(envelope, position, mayReadBack=False)
+        waiters, self._readWaiters = self._readWaiters, []
+        for waiter in waiters:
+            _fire(waiter)
+
+    def backfill(self, since: Position) -> defer.Deferred[None] | None:
+        """
+        Read back from Redis, for a client recovering after ``since``, what the replica
+        lacks: messages older than it holds (it started later, or holds fewer bytes) and
+        ones the channel has not brought yet (the client saw them through another daemon).
+        """
+        history = self.history
+        if history is None or not self.available:
+            return None
+        if self._held is not None:
+            # The history is being read back (the link has just come up): decide after.
+            waiter: defer.Deferred[None] = defer.Deferred()
+            self._readWaiters.append(waiter)
+            self._reactor.callLater(self.stallTimeout, _fire, waiter)
+            return waiter.addCallback(lambda _: self.backfill(since))
+        history.expire()
+        if since.epoch != history.epoch:
+            return None
+        if history.first - 1 <= since.seq <= history.head:
+            return None
+        floor = self._floor
+        if since.seq < history.head - history.maxCount or (
+            since.epoch == floor.epoch and since.seq < floor.seq
+        ):
+            # Older than Redis's window, or than this daemon's can hold.
+            return None
+        start = min(since.seq, history.head) + 1
+        waiter = defer.Deferred()
+        for fetch in self._fetches:
+            if fetch.epoch == since.epoch and fetch.start <= start:
+                fetch.waiters.append(waiter)
+                return waiter
+        fetch = _Fetch(since.epoch, start, [waiter])
+        self._fetches.append(fetch)
+        timeout = self._reactor.callLater(self.stallTimeout, self._fetchDone, fetch)
+
+        def read(stored: Stored) -> None:
+            try:
+                self._backfilled(stored, fetch.start)
+            finally:
+                self._fetchDone(fetch, timeout)
+
+        try:
+            self._read(since.epoch, start - 1).addCallbacks(
+                read, lambda _: self._fetchDone(fetch, timeout)
+            )
+        except txredisapi.ConnectionError:
+            self._fetchDone(fetch, timeout)
+        return waiter
+
+    def _fetchDone(self, fetch: _Fetch, timeout: IDelayedCall | None = None) -> None:
+        if timeout is not None and timeout.active():
+            timeout.cancel()
+        if fetch in self._fetches:
+            self._fetches.remove(fetch)
+        fetch.done()
+
+    def _backfilled(self, stored: Stored, start: int) -> None:
+        history = self.history
+        assert history is not None
+        if not stored.after or stored.epoch != history.epoch or self._held is not None:
+            # Redis is in another epoch, or a read-back is under way: that brings it.
+            return
+        entries = stored.entries
+        if not entries or entries[0][0].seq > start:
+            # Gone from Redis: no use reading it again.
+            self._floor = Position(stored.epoch, start - 1)
+        first = history.first
+        older = [(p, e) for p, e in entries if p.seq < first]
+        if older and older[-1][0].seq == first - 1:
+            # The window goes further back: the older messages, then its own.
+            kept = [history.entry(seq) for seq in range(first, history.head + 1)]
+            history.restart(stored.epoch, older[0][0].seq - 1)
+            for position, envelope in older:
+                history.append(position, envelope.message, envelope.time, envelope.time)
+            for entry in kept:
+                if entry is not None:
+                    position = Position(stored.epoch, entry.seq)
+                    history.append(position, entry.message, entry.when, entry.arrived)
+            if history.first > older[0][0].seq:
+                # The window cannot hold that much (its bytes, or their age).
+                self._floor = Position(stored.epoch, history.first - 1)
+        for position, envelope in entries:
+            # Messages the channel has not brought yet: relayed now, skipped when it does.
+            if position.seq > history.head:
+                self.readBack += 1
+                self._relay(envelope, position, mayReadBack=False)
+
+    # Room-wide presence
+
+    def _presenceChanged(self, kind: Literal["join", "leave"], who: str) -> None:
+        """One of this daemon's connections joined or left: tell the other daemons."""
+        if not self._up:
+            return
+        self._events.append(PresenceEvent(kind, who, len(self.room)))
+        self._report()
+
+    def _report(self) -> None:
+        """
+        Report this daemon's count (and its joins and leaves since the last report), and
+        read back the others': one report at a time.
+        """
+        publisher = self._publisher
+        if self._reporting or publisher is None or not self._up:
+            return
+        self._reporting = True
+        events, count = tuple(self._events), len(self.room)
+        self._events.clear()
+        self._version = version = max(self._version + 1, int(self._reactor.seconds() * 1000))
+        data = b""
+        if events:
+            data = encodePresence(PresenceEnvelope(self.node, version, count, events))
+        asked = self._reactor.seconds()
+
+        def answered(reply: object) -> None:
+            self._reporting = False
+            try:
+                self.presence.census(readAlive(reply), asked)
+            except MalformedReply as e:
+                self._log.warn("Unreadable presence census from Redis: {why}", why=str(e))
+            if self._events:
+                self._report()
+
+        def failed(reason: Failure) -> None:
+            self._reporting = False
+
+        try:
+            reportScript(
+                publisher,
+                [self._presenceKey, self._alivePrefix + self.node],
+                [
+                    self.node,
+                    f"{version} {count}",
+                    max(1, round(self.presenceTTL * 1000)),
+                    self.channel,
+                    data,
+                    self._alivePrefix,
+                ],
+            ).addCallbacks(answered, failed)
+        except txredisapi.ConnectionError:
+            self._reporting = False
+
+    def _presenceReceived(self, presence: PresenceEnvelope) -> None:
+        """Another daemon's report: its count, and its joins and leaves shown here."""
+        view = self.presence
+        if not view.heard(presence.node, presence.version, presence.count):
+            return
+        final = presence.count
+        try:
+            for event in presence.events:
+                view.counted(presence.node, event.count)
+                self.room.announce(event.kind, event.who, remote=True)
+        except Exception:
+            self._log.failure("Showing another daemon's presence events failed")
+        finally:
+            view.counted(presence.node, final)
+
+    def _goodbye(self) -> defer.Deferred[None]:
+        """Leave the room's presence: this daemon's count goes, and the others are told."""
+        publisher = self._publisher
+        done: defer.Deferred[None] = defer.Deferred()
+        if publisher is None or not self._up:
+            done.callback(None)
+            return done
+        self._version = version = max(self._version + 1, int(self._reactor.seconds() * 1000))
+        data = encodePresence(PresenceEnvelope(self.node, version, 0))
+
+        def finished(_: object) -> None:
+            if timeout.active():
+                timeout.cancel()
+            if not done.called:
+                done.callback(None)
+
+        timeout = self._reactor.callLater(self.stallTimeout, finished, None)
+        try:
+            goodbyeScript(
+                publisher,
+                [self._presenceKey, self._alivePrefix + self.node],
+                [self.node, self.channel, data],
+            ).addBoth(finished)
+        except txredisapi.ConnectionError:
+            finished(None)
+        return done
 
     # The links to Redis
 
@@ -446,7 +921,8 @@ class RedisBus(service.Service):
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
-        return self._disconnect()
+        # Say goodbye (bounded by stallTimeout), then leave.
+        return self._goodbye().addCallback(lambda _: self._disconnect())
 
     def _publisherReady(self, protocol: _PublisherProtocol) -> None:
         if not self.running:
@@ -458,6 +934,10 @@ class RedisBus(service.Service):
         def subscribed(_: object) -> None:
             if protocol.connected and self.running:
                 self._subscriber = protocol
+                if self.history is not None and self._held is None:
+                    # From here on the channel brings every message; the ones before are
+                    # read back from Redis once the link is up, and go first.
+                    self._held = []
                 self._linkChanged()
 
         def failed(reason: Failure) -> None:
@@ -516,6 +996,8 @@ class RedisBus(service.Service):
         for protocol in (self._publisher, self._subscriber):
             if protocol is not None:
                 self._probe(protocol).addErrback(lambda _: None)
+        # And this daemon stays counted in the room (its alive key renewed).
+        self._report()
 
     def _disconnect(self) -> defer.Deferred[None]:
         if self._heartbeat.running:
@@ -523,6 +1005,9 @@ class RedisBus(service.Service):
         self._up = False
         self._publisher = self._subscriber = None
         self._confirming = None
+        self._release()
+        self._events.clear()
+        self.presence.clear()
         factories, self._factories = self._factories, []
         return defer.gatherResults(
             [f.disconnect() for f in factories], consumeErrors=True
@@ -581,6 +1066,9 @@ class RedisBus(service.Service):
         self._up = True
         self._complained = False
         self._refusalLogged = False
+        if self.history is not None and not self._readBack():
+            self._release()
+        self._report()
         if not self._everUp:
             self._everUp = True
             self._log.info(
@@ -603,6 +1091,9 @@ class RedisBus(service.Service):
     def _linkDown(self, why: str) -> None:
         self._up = False
         self._refusalLogged = False
+        # What the channel brought is relayed; what it skips is read back at the next link up.
+        self._release()
+        self._events.clear()
         if self._stallLogged:
             # The stall ends in an outage: counted from the stall's start.
             self._stallLogged = False

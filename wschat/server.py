@@ -25,6 +25,7 @@ from wschat.bus import Bus, LocalBus
 from wschat.closing import closeAll
 from wschat.dispatch import DispatchFactory
 from wschat.handshake import HostPolicy, OriginPolicy
+from wschat.history import DEFAULT_AGE, DEFAULT_BYTES, DEFAULT_COUNT, History
 from wschat.limits import ConnectionCounter, Limits
 from wschat.metrics import Metrics
 from wschat.protocol import ChatServerFactory, ChatServerProtocol
@@ -112,6 +113,9 @@ class ChatServer(service.MultiService):
 
     @param fmt: what the room relays to clients that did not ask for JSON.
     @param welcome: the greeting each new client gets ('' for none).
+    @param history: how many recent messages the room keeps for recovery (0: history off,
+        messages carry no position); ``historyAge`` (seconds) and ``historyBytes`` bound
+        the window too.
     @param reactor: runs the connections and stamps the time; the global reactor unless given.
     @param clock: times the shutdown bound; ``reactor`` unless given.
     @param fastWrite: WebSocket connections over plain TCP write through
@@ -138,6 +142,9 @@ class ChatServer(service.MultiService):
         metricsListen: str | None = None,
         serveMetrics: bool = True,
         shutdownTimeout: float = 5.0,
+        history: int = DEFAULT_COUNT,
+        historyAge: float = DEFAULT_AGE,
+        historyBytes: int = DEFAULT_BYTES,
         reactor: Any = None,
         clock: IReactorTime | None = None,
     ) -> None:
@@ -162,12 +169,18 @@ class ChatServer(service.MultiService):
         #: The connections' log lines, emitted at the end of each reactor turn.
         self.lines = TurnLog(reactor)
         self.factory = ChatServerFactory(self)
+        self.history = (
+            History(history, historyAge, historyBytes, clock=reactor.seconds) if history else None
+        )
+        if self.history is not None:
+            self.metrics.watchHistory(self.history)
         # The room frames each message once, for every member, with Autobahn's prepareMessage.
         self.room = Room(
             self.factory.prepareMessage,
             fmt,
             metrics=self.metrics,
             now=reactor.seconds,
+            history=self.history,
             clock=reactor,
         )
         # Where received messages go: this room, or (--redis) every daemon's room.
@@ -230,14 +243,25 @@ class ChatServer(service.MultiService):
         """The ports listened on, once the service has started."""
         return [e.port for e in self.endpoints if e.port is not None]
 
-    def greeting(self, connection: ChatServerProtocol) -> bytes:
+    def greeting(self, connection: ChatServerProtocol, recovered: bool | None = None) -> bytes:
         """
         What ``connection`` receives first: the ``--welcome`` text, or for a JSON client
-        a ``welcome`` object (always, since it tells the client its own address).
+        a ``welcome`` object (always, since it tells the client its own address), with the
+        room's position now when history is on, and ``recovered`` when it asked to recover.
         """
         if connection.format is Format.JSON:
             text = self.welcome.decode("utf-8")
-            return jsonWelcome(connection.address, len(self.room), text, self.reactor.seconds())
+            history = self.room.history
+            return jsonWelcome(
+                connection.address,
+                self.room.online(),
+                text,
+                self.reactor.seconds(),
+                maxMessageSize=self.limits.maxMessageSize,
+                epoch=history.epoch if history is not None else None,
+                seq=history.head if history is not None else 0,
+                recovered=recovered,
+            )
         return self.welcome
 
     def shutDown(self) -> Deferred[None]:

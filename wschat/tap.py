@@ -18,6 +18,7 @@ from twisted.python import usage
 
 from twisted import version as twistedVersion
 from wschat.handshake import HostPolicy, OriginPolicy, listensOnLoopbackOnly
+from wschat.history import DEFAULT_AGE, DEFAULT_BYTES, DEFAULT_COUNT
 from wschat.limits import Limits, parseSize
 from wschat.redisaddress import DEFAULT_CHANNEL, parseChannel, parseRedisURL
 from wschat.server import DEFAULT_WELCOME, ChatServer, ListenError
@@ -219,6 +220,34 @@ LIMIT_PARAMETERS: list[list[Any]] = [
 ]
 
 
+#: The history window (docs/operations.md, "History"): the room's recent messages, kept for
+#: clients that reconnect (since=) or ask for them (history=).
+HISTORY_PARAMETERS: list[list[Any]] = [
+    [
+        "history",
+        None,
+        DEFAULT_COUNT,
+        "Recent messages the room keeps for clients that reconnect or ask for them "
+        "(0: history off, messages carry no position).",
+        _limitOrOff,
+    ],
+    [
+        "history-ttl",
+        None,
+        DEFAULT_AGE,
+        "Seconds a message stays in the history window.",
+        _positiveSeconds,
+    ],
+    [
+        "history-bytes",
+        None,
+        DEFAULT_BYTES,
+        "Bytes (64K, 16M...) the history window may hold; the oldest messages go first.",
+        _byteSize,
+    ],
+]
+
+
 def limitsFromOptions(options: usage.Options) -> Limits:
     """The :class:`Limits` the command line asked for."""
     return Limits(
@@ -283,6 +312,7 @@ class Options(usage.Options):
         ],
     ]
     optParameters += LIMIT_PARAMETERS
+    optParameters += HISTORY_PARAMETERS
     optParameters = _named(optParameters)
     optFlags: list[list[str | None]] = [
         ["no-message-log", None, "Do not log message bodies (privacy, speed)."],
@@ -392,6 +422,9 @@ def buildServer(options: Options, reactor: Any = None) -> ChatServer:
         metricsListen=options["metrics-listen"],
         serveMetrics=not options["no-metrics"],
         shutdownTimeout=options["shutdown-timeout"],
+        history=options["history"],
+        historyAge=options["history-ttl"],
+        historyBytes=options["history-bytes"],
         reactor=reactor,
     )
     if options["redis"] is not None:

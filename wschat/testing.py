@@ -171,9 +171,15 @@ class MemoryRoom:
         self.pumps: list[iosim.IOPump] = []
 
     def connect(
-        self, port: int = 50000, peer: Any = None
+        self, port: int = 50000, peer: Any = None, path: str = "/", **factoryOptions: Any
     ) -> tuple[ChatServerProtocol, QueueClientProtocol]:
-        clientFactory = QueueClientFactory("ws://127.0.0.1:2000", reactor=self.clock)
+        """
+        Connect a client from ``port`` (or ``peer``) to ``path`` (which may carry a query);
+        ``factoryOptions`` go to its factory (``protocols=["wschat.json"]``).
+        """
+        clientFactory = QueueClientFactory(
+            f"ws://127.0.0.1:2000{path}", reactor=self.clock, **factoryOptions
+        )
         server, client, pump = memoryConnection(
             self.factory,
             clientFactory,

@@ -14,14 +14,15 @@ Formats (chosen per daemon with ``--format``):
 
 ``json`` (per connection, never a daemon's ``--format``)
     A client that offers the WebSocket subprotocol ``wschat.json`` receives JSON objects
-    (messages, its welcome, join and leave events) whatever the daemon's format; see
-    :func:`jsonMessage` and the README's "JSON subprotocol" section.
+    (messages, its welcome, join and leave events) whatever the daemon's format, and may send
+    commands (:func:`parseCommand`); see docs/protocol.md, section 4.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -51,6 +52,8 @@ class Message:
     sender: str
     payload: bytes
     isBinary: bool = False
+    #: The id its sender chose for it (a JSON ``send`` command), for exactly-once sending.
+    id: str | None = None
 
 
 def hostPort(host: str, port: int) -> str:
@@ -89,10 +92,14 @@ def _json(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def jsonMessage(message: Message, when: float) -> bytes:
+def jsonMessage(
+    message: Message, when: float, epoch: str | None = None, seq: int | None = None
+) -> bytes:
     """
     ``message`` as a JSON client receives it: ``{"type": "message", "from", "text", "time"}``;
     a binary message (``raw`` format only) carries ``data`` (base64) instead of ``text``.
+    With history on it carries its position (``epoch``, ``seq``), and ``id`` when its sender
+    gave one.
     """
     obj: dict[str, Any] = {"type": "message", "from": message.sender}
     if message.isBinary:
@@ -100,16 +107,52 @@ def jsonMessage(message: Message, when: float) -> bytes:
     else:
         obj["text"] = message.payload.decode("utf-8")
     obj["time"] = isoTime(when)
+    if epoch is not None:
+        obj["epoch"] = epoch
+        obj["seq"] = seq
+    if message.id is not None:
+        obj["id"] = message.id
     return _json(obj)
 
 
-def jsonWelcome(you: str, online: int, text: str, when: float) -> bytes:
+def jsonWelcome(
+    you: str,
+    online: int,
+    text: str,
+    when: float,
+    *,
+    maxMessageSize: int | None = None,
+    epoch: str | None = None,
+    seq: int = 0,
+    recovered: bool | None = None,
+) -> bytes:
     """
-    The first object a JSON client receives: its own address, how many are online, the greeting.
+    The first object a JSON client receives: its own address, how many are online, the
+    greeting, the largest message it may send; with history on, the room's position when the
+    welcome was sent (``epoch``, ``seq``), and, when it asked to recover, whether it did.
     """
-    return _json(
-        {"type": "welcome", "you": you, "online": online, "text": text, "time": isoTime(when)}
-    )
+    obj: dict[str, Any] = {
+        "type": "welcome",
+        "you": you,
+        "online": online,
+        "text": text,
+        "time": isoTime(when),
+    }
+    if maxMessageSize is not None:
+        obj["maxMessageSize"] = maxMessageSize
+    if epoch is not None:
+        obj["epoch"] = epoch
+        obj["seq"] = seq
+    if recovered is not None:
+        obj["recovered"] = recovered
+    return _json(obj)
+
+
+def jsonDuplicate(mid: str, epoch: str, seq: int) -> bytes:
+    """
+    To the sender alone: a message with id ``mid`` was already relayed, at ``epoch``/``seq``.
+    """
+    return _json({"type": "duplicate", "id": mid, "epoch": epoch, "seq": seq})
 
 
 def jsonPresence(kind: Literal["join", "leave"], who: str, online: int, when: float) -> bytes:
@@ -140,3 +183,54 @@ def jsonNotice(text: str, when: float) -> bytes:
     The server tells this client alone something, e.g. that its message was not relayed.
     """
     return _json({"type": "notice", "text": text, "time": isoTime(when)})
+
+
+@dataclass(frozen=True, slots=True)
+class SendCommand:
+    """A JSON client's ``{"type": "send", "text": ..., "id": ...}``."""
+
+    text: str
+    id: str | None = None
+
+
+class BadCommand(ValueError):
+    """A JSON command the daemon cannot carry out; the text says why."""
+
+
+#: A message id: 1 to 64 printable ASCII characters.
+_ID = re.compile(r"[\x20-\x7e]{1,64}")
+
+
+def parseCommand(payload: bytes) -> SendCommand | None:
+    """
+    The command in a JSON client's text message, or None if it is not one (then the text is
+    relayed as it is): a command is a JSON object with a ``"type"`` key.
+
+    @raise BadCommand: for an unknown type, a ``send`` without a string ``text``, or a bad
+        ``id``.
+    """
+    if payload.lstrip()[:1] != b"{":
+        return None
+    try:
+        obj = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or "type" not in obj:
+        return None
+    kind = obj["type"]
+    if kind != "send":
+        shown = kind if isinstance(kind, str) and len(kind) <= 32 else "?"
+        raise BadCommand(f'unknown command type "{shown}": nothing relayed')
+    text = obj.get("text")
+    if not isinstance(text, str):
+        raise BadCommand('a "send" command needs a string "text": nothing relayed')
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadCommand(
+            '"text" is not valid Unicode (a lone surrogate): nothing relayed'
+        ) from None
+    mid = obj.get("id")
+    if mid is not None and not (isinstance(mid, str) and _ID.fullmatch(mid)):
+        raise BadCommand('"id" must be 1 to 64 printable ASCII characters: nothing relayed')
+    return SendCommand(text, mid)
