@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
@@ -20,11 +21,10 @@ from wschat.client import (
     ChatSession,
     Options,
     StdinLines,
-    escapeLine,
-    unescapeLine,
 )
 from wschat.limits import Limits
 from wschat.protocol import MAX_MESSAGE_SIZE_HEADER as SERVER_HEADER
+from wschat.wire import JSON_SUBPROTOCOL
 
 
 class FakeConnection:
@@ -88,7 +88,7 @@ class FakeConnector:
 
 
 def makeSession(
-    maxPending: int = 1000, **options: bool
+    maxPending: int = 1000, **options: Any
 ) -> tuple[ChatSession, ChatClientFactory, list[str], Clock]:
     clock = Clock()
     status: list[str] = []
@@ -294,6 +294,224 @@ class SessionTests(SynchronousTestCase):
         self.assertFalse(factory.continueTrying)
 
 
+class FakeJSONConnection(FakeConnection):
+    """An open connection that negotiated wschat.json."""
+
+    websocket_protocol_in_use = JSON_SUBPROTOCOL
+
+
+EPOCH = "0123456789abcdef"
+
+
+def obj(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def welcome(seq: int | None = 0, epoch: str = EPOCH, **fields: Any) -> bytes:
+    position = {"epoch": epoch, "seq": seq} if seq is not None else {}
+    defaults = {
+        "you": "127.0.0.1:9",
+        "online": 1,
+        "text": "",
+        "format": "prefixed",
+        "maxMessageSize": DEFAULT_MAX_MESSAGE_SIZE,
+    }
+    return obj(type="welcome", **{**defaults, **position, **fields})
+
+
+def message(seq: int | None, text: str, sender: str = "127.0.0.1:7", **fields: Any) -> bytes:
+    position = {"epoch": fields.pop("epoch", EPOCH), "seq": seq} if seq is not None else {}
+    return obj(type="message", **{"from": sender, "text": text, **position, **fields})
+
+
+def sentCommands(connection: FakeConnection) -> list[dict[str, Any]]:
+    return [json.loads(payload) for payload in connection.sent]
+
+
+class ResumeTests(SynchronousTestCase):
+    """The session over wschat.json: positions, no message twice, lines relayed once."""
+
+    def connect(
+        self, session: ChatSession, factory: ChatClientFactory, hello: bytes
+    ) -> FakeJSONConnection:
+        connection = FakeJSONConnection(factory)
+        session.connected(connection)  # type: ignore[arg-type]
+        session.received(hello, False)
+        return connection
+
+    def test_objects_printed_as_the_rooms_plain_lines(self) -> None:
+        """Messages print as today's plain lines: prefixed or raw by the welcome's format,
+        escaped, binary as its size; the greeting too; presence not at all."""
+        for fmt, line in (("prefixed", rb"1.2.3.4:5: a\\b\x1b\n"), ("raw", rb"a\\b\x1b\n")):
+            session, factory, _, _ = makeSession()
+            stdin = FakeInput()
+            session.attachInput(stdin)  # type: ignore[arg-type]
+            self.connect(session, factory, welcome(format=fmt, text="hi\x1b"))
+            session.received(message(1, "a\\b\x1b\n", "1.2.3.4:5"), False)
+            session.received(obj(type="join", who="1.2.3.4:6", online=2), False)
+            session.received(obj(type="message", **{"from": "x", "data": "AAE="}), False)
+            self.assertEqual(
+                stdin.transport.written, [b"hi\\x1b\n", line + b"\n", b"<2 bytes binary>\n"]
+            )
+
+    def test_resumes_from_the_last_message_shown_and_shows_none_twice(self) -> None:
+        """After a drop the next URL asks since the last position shown; messages up to it
+        are not shown again."""
+        session, factory, _, _ = makeSession()
+        stdin = FakeInput()
+        session.attachInput(stdin)  # type: ignore[arg-type]
+        self.assertEqual(session.query(), "")
+        connection = self.connect(session, factory, welcome(0))
+        for seq in (1, 2, 3):
+            session.received(message(seq, f"m{seq}"), False)
+        session.disconnected(connection, 1006, None)  # type: ignore[arg-type]
+        self.assertEqual(session.query(), f"since={EPOCH}:3")
+        self.connect(session, factory, welcome(5, recovered=True))
+        for seq in (3, 4, 5):
+            session.received(message(seq, f"m{seq}"), False)
+        shown = [line.decode().split(": ")[1] for line in stdin.transport.written]
+        self.assertEqual(shown, ["m1\n", "m2\n", "m3\n", "m4\n", "m5\n"])
+
+    def test_unanswered_line_sent_again_after_the_replay_with_its_id(self) -> None:
+        """A line whose copy had not come back when the connection dropped goes out again,
+        with the same id, once the missed messages are in; a duplicate answer settles it."""
+        session, factory, _, _ = makeSession()
+        first = self.connect(session, factory, welcome(0))
+        session.send("hello")
+        (sent,) = sentCommands(first)
+        self.assertEqual((sent["type"], sent["text"]), ("send", "hello"))
+        session.disconnected(first, 1006, None)  # type: ignore[arg-type]
+        second = self.connect(session, factory, welcome(2, recovered=True))
+        session.send("typed meanwhile")
+        self.assertEqual(second.sent, [])
+        session.received(message(1, "other"), False)
+        self.assertEqual(second.sent, [])
+        session.received(message(2, "other"), False)
+        again, meanwhile = sentCommands(second)
+        self.assertEqual(again, sent)
+        self.assertEqual(meanwhile["text"], "typed meanwhile")
+        session.inputEnded()
+        session.received(obj(type="duplicate", id=sent["id"], epoch=EPOCH, seq=1), False)
+        self.assertEqual(second.closes, [])
+        session.received(message(3, "typed meanwhile", id=meanwhile["id"]), False)
+        self.assertEqual(second.closes, [1000])
+        session.disconnected(second, 1000, None)  # type: ignore[arg-type]
+        self.assertEqual(session.exitCode, 0)
+
+    def test_line_in_the_replay_not_sent_again(self) -> None:
+        """A line the replay shows relayed (its id came back) is not sent again."""
+        session, factory, _, _ = makeSession()
+        first = self.connect(session, factory, welcome(0))
+        session.send("hello")
+        (sent,) = sentCommands(first)
+        session.disconnected(first, 1006, None)  # type: ignore[arg-type]
+        second = self.connect(session, factory, welcome(1, recovered=True))
+        session.received(message(1, "hello", "127.0.0.1:9", id=sent["id"]), False)
+        self.assertEqual(second.sent, [])
+        self.assertEqual(session.notDelivered, 0)
+
+    def test_not_recovered_said_and_lines_sent_again_at_once(self) -> None:
+        """recovered false: a status line says messages may have been missed; the new
+        epoch's messages are all shown; unanswered lines go out again at once."""
+        session, factory, status, _ = makeSession()
+        first = self.connect(session, factory, welcome(0))
+        session.received(message(1, "m1"), False)
+        session.send("hello")
+        session.disconnected(first, 1001, "server shutting down")  # type: ignore[arg-type]
+        second = self.connect(session, factory, welcome(0, "fedcba9876543210", recovered=False))
+        self.assertIn(
+            "some messages may have been missed (the room's history has restarted)", status
+        )
+        self.assertEqual(sentCommands(second), sentCommands(first))
+        self.assertEqual(session.query(), "since=fedcba9876543210:0")
+
+    def test_room_without_history_lines_lost_are_counted(self) -> None:
+        """A room keeping no history (no epoch): nothing to resume; a line unanswered at a
+        drop is counted as not delivered, not sent again."""
+        session, factory, status, _ = makeSession()
+        first = self.connect(session, factory, welcome(None))
+        session.send("hello")
+        session.disconnected(first, 1006, None)  # type: ignore[arg-type]
+        self.assertEqual(session.notDelivered, 1)
+        self.assertIn("before the room confirmed 1 line", status[-1])
+        self.assertEqual(session.query(), "")
+        second = self.connect(session, factory, welcome(None))
+        self.assertEqual(second.sent, [])
+
+    def test_refusing_close_counts_every_unanswered_line(self) -> None:
+        """A close over our lines (1008): each unanswered line is counted and none resent."""
+        session, factory, _, _ = makeSession()
+        first = self.connect(session, factory, welcome(0))
+        for n in range(3):
+            session.send(f"line {n}")
+        ids = [command["id"] for command in sentCommands(first)]
+        session.received(message(1, "line 0", "127.0.0.1:9", id=ids[0]), False)
+        session.disconnected(first, 1008, "rate limit exceeded")  # type: ignore[arg-type]
+        self.assertEqual(session.notDelivered, 2)
+        second = self.connect(session, factory, welcome(1, recovered=True))
+        self.assertEqual(second.sent, [])
+
+    def test_notice_answers_the_oldest_line(self) -> None:
+        """A notice counts as not delivered and settles the oldest unanswered line."""
+        session, factory, status, _ = makeSession()
+        connection = self.connect(session, factory, welcome(0))
+        session.send("refused")
+        session.inputEnded()
+        self.assertEqual(connection.closes, [])
+        session.received(obj(type="notice", text="not delivered\x1b"), False)
+        self.assertEqual(status[-1], "not delivered\\x1b")
+        self.assertEqual(connection.closes, [1000])
+        session.disconnected(connection, 1000, None)  # type: ignore[arg-type]
+        self.assertEqual(session.exitCode, 3)
+
+    def test_history_asked_on_the_first_connection_only(self) -> None:
+        """--history N asks history=N until a welcome came; the replayed messages show."""
+        session, factory, _, _ = makeSession(history=3)
+        stdin = FakeInput()
+        session.attachInput(stdin)  # type: ignore[arg-type]
+        self.assertEqual(session.query(), "history=3")
+        connection = self.connect(session, factory, welcome(10))
+        for seq in (8, 9, 10):
+            session.received(message(seq, f"m{seq}"), False)
+        self.assertEqual(len(stdin.transport.written), 3)
+        session.disconnected(connection, 1006, None)  # type: ignore[arg-type]
+        self.assertEqual(session.query(), f"since={EPOCH}:10")
+
+    def test_history_refused_dropped(self) -> None:
+        """A room that refuses the query (400 history is off): said, and not asked again."""
+        session, factory, status, _ = makeSession(history=3)
+        self.assertEqual(session.query(), "history=3")
+        session.handshakeRefused(400, "history is off")
+        self.assertEqual(status[-1], "the room refused the connection: 400 history is off")
+        self.assertEqual(session.query(), "")
+
+    def test_room_without_commands_gets_text(self) -> None:
+        """A daemon whose welcome has no maxMessageSize knows no commands: lines go as text."""
+        session, factory, _, _ = makeSession()
+        hello = json.loads(welcome(None))
+        del hello["maxMessageSize"]
+        connection = self.connect(session, factory, json.dumps(hello).encode())
+        session.send("hello")
+        self.assertEqual(connection.sent, [b"hello"])
+        session.received(message(None, "hello", "127.0.0.1:9"), False)
+        session.inputEnded()
+        self.assertEqual(connection.closes, [1000])
+
+    def test_line_too_long_for_an_id_sent_as_text(self) -> None:
+        """A line that fits the room's limit but not with a command around it is sent as its
+        text, settled by its copy from us; one the room would read as a command is refused."""
+        session, factory, status, _ = makeSession()
+        connection = self.connect(session, factory, welcome(0))
+        connection.maxMessageSize = 40
+        session.send("x" * 40)
+        session.send('{"type":"y","z":"' + "x" * 20 + '"}')
+        self.assertEqual(connection.sent, [b"x" * 40])
+        self.assertIn("as a command it takes", status[-1])
+        session.received(message(1, "x" * 40, "127.0.0.1:9"), False)
+        session.inputEnded()
+        self.assertEqual(connection.closes, [1000])
+
+
 class InputSession:
     """Stands in for the ChatSession behind StdinLines: records what the input gives it."""
 
@@ -490,19 +708,3 @@ class OptionsTests(SynchronousTestCase):
         options = parse("-l", "--raw-output", "--max-retries", "3")
         self.assertEqual((options["listen-only"], options["raw-output"]), (1, 1))
         self.assertEqual(options["max-retries"], 3)
-
-
-class EscapingTests(SynchronousTestCase):
-    def test_scheme(self) -> None:
-        """Backslash, LF, CR, TAB have short escapes; other C0, DEL and C1 are \\xHH."""
-        self.assertEqual(
-            escapeLine("a\\b\nc\rd\te\x00\x1b\x7f\x85é€"),
-            "a\\\\b\\nc\\rd\\te\\x00\\x1b\\x7f\\x85é€",
-        )
-
-    def test_reversible(self) -> None:
-        """Unescaping gives back the exact text, whatever it held."""
-        for text in ("", "plain", "\\n literal", "\\x41", "".join(map(chr, range(0x100)))):
-            escaped = escapeLine(text)
-            self.assertNotRegex(escaped, "[\x00-\x1f\x7f-\x9f]")
-            self.assertEqual(unescapeLine(escaped), text)

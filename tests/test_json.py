@@ -176,6 +176,7 @@ class MemoryJSONTests(SynchronousTestCase):
                 "text": WELCOME,
                 "time": "2023-11-14T22:13:20.500Z",
                 "maxMessageSize": 65536,
+                "format": "prefixed",
                 "epoch": chat.history.epoch,
                 "seq": 0,
             },
@@ -199,8 +200,28 @@ async def test_json_client_negotiates_and_gets_welcome(daemon):
         "online": 2,
         "text": WELCOME,
         "maxMessageSize": 65536,
+        "format": "prefixed",
         "seq": 0,
     }
+
+
+@pytest_twisted.ensureDeferred
+async def test_json_welcome_names_the_rooms_format_under_a_small_limit(daemon):
+    """The welcome says the room's format; it arrives even when longer than the message limit
+    (which bounds what clients send), as do notices and duplicate answers."""
+    service, url = daemon("--format", "raw", "--max-message-size", "60")
+    js = await connectJSON(url)
+    welcome = await nextObject(js)
+    assert (welcome["type"], welcome["format"], welcome["maxMessageSize"]) == ("welcome", "raw", 60)
+    assert len(json.dumps(welcome)) > 60
+    js.sendText('{"type":"send","text":"a","id":"x"}')
+    assert (await nextObject(js))["id"] == "x"
+    js.sendText('{"type":"send","text":"a","id":"x"}')
+    assert (await nextObject(js))["type"] == "duplicate"
+    js.sendText('{"type":"nonsense"}')
+    assert (await nextObject(js))["text"] == 'unknown command type "nonsense": nothing relayed'
+    js.sendClose()
+    await js.closed
 
 
 @pytest_twisted.ensureDeferred

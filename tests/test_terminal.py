@@ -931,3 +931,26 @@ async def test_pty_giving_up_restores_the_terminal_and_says_why(pty):
     assert await client.ended == 1
     assert client.shows("refused; giving up after 0 retries")
     assert await stty(name) == client.sttyBefore
+
+
+@pytest_twisted.ensureDeferred
+async def test_pty_cut_connection_resumes_without_duplicates(daemon, pty):
+    """The daemon cuts the terminal client's TCP connection while the room keeps talking:
+    back, it shows what it missed, and every message once."""
+    service, url = daemon("--welcome", "")
+    other = await connect(url)
+    client, _, _ = await pty(url)
+    await client.waitUntil(lambda: "connected │ 2 online" in client.status, "connected")
+    other.sendText("before")
+    await client.waitUntil(lambda: client.shows(": before"), "before")
+    (member,) = [m for m in service.room if getattr(m, "address", None) != other.address]
+    member.abort()  # type: ignore[attr-defined]
+    for n in range(3):
+        other.sendText(f"while away {n}")
+    await client.waitUntil(lambda: client.shows(": while away 2"), "what it missed")
+    other.sendText("after")
+    await client.waitUntil(lambda: client.shows(": after"), "after")
+    texts = ["before", "while away 0", "while away 1", "while away 2", "after"]
+    shown = [line.split(": ", 1)[1] for line in client.display if f"{other.address}: " in line]
+    assert shown == texts
+    await defer.ensureDeferred(closeAll([other]))

@@ -1,22 +1,32 @@
 """
 The command-line client: ``python -m wschat.client`` sends stdin's lines to the room and prints
 what the room says. Room messages go to stdout, one per line, control characters escaped
-(:func:`escapeLine`); status lines and the daemon's notices go to stderr.
+(:func:`wschat.escaping.escapeControls`); status lines and the daemon's notices go to stderr.
 
-Exit status: 0 every line was sent; 1 gave up connecting (``--max-retries``); 2 usage error;
-3 some lines were refused or not delivered (too long for the room, refused by the room, or the
-room closed the connection over them).
+It speaks the ``wschat.json`` subprotocol and prints each message as a plain client of the
+room's format would, so that it can resume (:class:`ChatSession`): after a reconnect it prints
+what it missed, nothing twice, and a line sent before a drop is relayed once. The protocol is
+docs/protocol.md (sections 4 and 10).
+
+Exit status: 0 every line was sent (and, over ``wschat.json``, its relayed copy came back);
+1 gave up connecting (``--max-retries``); 2 usage error; 3 some lines were refused or not
+delivered (too long for the room, refused by the room, the room closed the connection over
+them, or lost with a connection to a room that keeps no history).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import random
 import re
 import sys
+import uuid
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any, TypeGuard, cast
 
 from autobahn.exception import Disconnected
 from autobahn.twisted.websocket import (
@@ -25,7 +35,7 @@ from autobahn.twisted.websocket import (
     connectWS,
 )
 from autobahn.websocket.protocol import WebSocketProtocol
-from autobahn.websocket.types import ConnectionResponse
+from autobahn.websocket.types import ConnectingRequest, ConnectionResponse
 from autobahn.websocket.util import parse_url
 from OpenSSL import SSL
 from twisted.internet import defer, ssl, stdio
@@ -40,7 +50,9 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from wschat.escaping import escapeControls
 from wschat.limits import Limits
+from wschat.wire import JSON_SUBPROTOCOL, BadCommand, parseCommand
 
 DEFAULT_URL = "ws://127.0.0.1:2000"
 
@@ -69,6 +81,9 @@ _NORMAL_CLOSES = (
     WebSocketProtocol.CLOSE_STATUS_CODE_GOING_AWAY,
 )
 
+#: How Autobahn words a handshake the server answered with another HTTP status than 101.
+_REFUSED = re.compile(r"WebSocket connection upgrade failed \[(\d{3})\]: (.*)", re.DOTALL)
+
 #: TLS record types a TLS server may answer a plain-text request with (alert, handshake).
 _TLS_RECORDS = (0x15, 0x16)
 
@@ -76,28 +91,6 @@ _TLS_RECORDS = (0x15, 0x16)
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
     """``1 line``, ``2 lines``."""
     return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
-
-
-_SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_NEEDS_ESCAPE = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\\\]")
-_ESCAPE = re.compile(r"\\(x[0-9a-f]{2}|[\\nrt])")
-_UNESCAPES = {"\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
-
-
-def escapeLine(text: str) -> str:
-    """
-    ``text`` on one line, safe for a terminal: backslash becomes ``\\\\``; LF, CR and TAB
-    become ``\\n``, ``\\r``, ``\\t``; every other C0 control, DEL and C1 control (U+0000-U+001F,
-    U+007F-U+009F) becomes ``\\xHH`` (two lowercase hex digits). :func:`unescapeLine` undoes it.
-    """
-    return _NEEDS_ESCAPE.sub(
-        lambda m: _SHORT_ESCAPES.get(m.group(), f"\\x{ord(m.group()):02x}"), text
-    )
-
-
-def unescapeLine(line: str) -> str:
-    """The text that :func:`escapeLine` turned into ``line``."""
-    return _ESCAPE.sub(lambda m: _UNESCAPES.get(m.group(1)) or chr(int(m.group(1)[1:], 16)), line)
 
 
 class ChatClientProtocol(WebSocketClientProtocol):
@@ -114,6 +107,29 @@ class ChatClientProtocol(WebSocketClientProtocol):
         if self.state == WebSocketProtocol.STATE_CONNECTING and not self._firstBytes:
             self._firstBytes = data[:1]
         super().dataReceived(data)
+
+    def onConnecting(self, transport_details: Any) -> ConnectingRequest:
+        # The URL's query asks the room for what we missed (the session knows where we are).
+        factory = self.factory
+        resource = factory.resource
+        query = factory.session.query()
+        if query:
+            resource += ("&" if "?" in resource else "?") + query
+        return ConnectingRequest(
+            host=factory.host,
+            port=factory.port,
+            resource=resource,
+            headers=factory.headers,
+            useragent=factory.useragent,
+            origin=factory.origin,
+            protocols=factory.protocols,
+        )
+
+    def failHandshake(self, reason: str) -> None:
+        refused = _REFUSED.match(reason)
+        if refused is not None:
+            self.factory.session.handshakeRefused(int(refused.group(1)), refused.group(2))
+        super().failHandshake(reason)
 
     def onConnect(self, response: ConnectionResponse) -> None:
         stated = response.headers.get(MAX_MESSAGE_SIZE_HEADER, "")
@@ -269,6 +285,60 @@ class StdinLines(Protocol):
         self.session.outputClosed()
 
 
+def isInteger(value: object) -> TypeGuard[int]:
+    """Whether a JSON value is a whole number (not a boolean)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def plainMessage(obj: dict[str, Any], roomFormat: str) -> tuple[bytes, bool] | None:
+    """
+    What a plain client of a room of ``roomFormat`` (``prefixed``, ``raw``) receives for the
+    JSON ``message`` object ``obj``, as ``(payload, isBinary)``; None if ``obj`` is malformed.
+    """
+    sender = obj.get("from")
+    if not isinstance(sender, str):
+        return None
+    if "data" in obj:
+        data = obj["data"]
+        try:
+            return base64.b64decode(data, validate=True), True
+        except (TypeError, ValueError):
+            return None
+    text = obj.get("text")
+    if not isinstance(text, str):
+        return None
+    payload = text.encode("utf-8", "replace")
+    if roomFormat == "prefixed":
+        payload = sender.encode("utf-8", "replace") + b": " + payload
+    return payload, False
+
+
+@dataclass(eq=False, slots=True)
+class Line:
+    """A line typed, to be sent; ``id`` is chosen at its first send and kept for resends."""
+
+    text: str
+    id: str | None = None
+    #: The room answered it: its relayed copy came back, or a ``duplicate``, or a notice.
+    answered: bool = False
+
+
+def sendCommand(text: str, mid: str | None) -> bytes:
+    """The ``wschat.json`` command that sends ``text``, with the id ``mid`` if given."""
+    obj: dict[str, str] = {"type": "send", "text": text}
+    if mid is not None:
+        obj["id"] = mid
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def isCommand(data: bytes) -> bool:
+    """Whether the room would read the text ``data`` as a ``wschat.json`` command."""
+    try:
+        return parseCommand(data) is not None
+    except BadCommand:
+        return True
+
+
 class ChatSession:
     """
     What the user typed and what the room said, across connections that come and go.
@@ -276,8 +346,16 @@ class ChatSession:
     Lines typed while disconnected wait in a bounded queue and go out in order on the
     next connection. When the queue is full, input is paused (never dropped) until then.
 
-    Everything shown to the user goes through three methods, which another front end (the
-    terminal UI) overrides: :meth:`showMessage` (a room message), :meth:`status` (the client's
+    With the ``wschat.json`` subprotocol (docs/protocol.md, sections 4 and 10) the session
+    resumes: it remembers the position (epoch and seq) of the last message shown, asks the room
+    for what came after it on the next connection (``?since=``), and shows no message twice.
+    Each line goes out as a ``send`` command with a random id; a line whose relayed copy has
+    not come back when the connection drops is sent again, with the same id, once the missed
+    messages are in (the room relays an id once, and answers ``duplicate`` to the resend).
+
+    Everything shown to the user goes through four methods, which another front end (the
+    terminal UI) overrides: :meth:`showMessage` (a room message, plain), :meth:`showObject`
+    (a JSON object to show: a message, the welcome, presence), :meth:`status` (the client's
     status lines and the daemon's notices) and :meth:`showClose` (the code the room closed
     with). The exit status is :attr:`exitCode` once :attr:`done` has fired.
     """
@@ -289,13 +367,16 @@ class ChatSession:
         maxPending: int = 1000,
         listenOnly: bool = False,
         rawOutput: bool = False,
+        history: int = 0,
     ) -> None:
         self._reactor = reactor
         self._statusWriter = status
         self.maxPending = maxPending
         self.listenOnly = listenOnly
         self.rawOutput = rawOutput
-        self.pending: deque[str] = deque()
+        #: How many past messages to ask for on the first connection.
+        self.history = history
+        self.pending: deque[Line] = deque()
         self.factory: ChatClientFactory | None = None
         self.connection: ChatClientProtocol | None = None
         self.input: StdinLines | None = None
@@ -308,6 +389,29 @@ class ChatSession:
         self.exitCode = EXIT_OK
         self.done: defer.Deferred[None] = defer.Deferred()
         self._closeWaiters: list[defer.Deferred[None]] = []
+        # The connection may send now (JSON: welcomed, and the missed messages are in).
+        self._ready = False
+        self._json = False
+        # The room takes JSON commands (its welcome states maxMessageSize, as every daemon
+        # that knows commands does); an older one would relay them as text.
+        self._commands = False
+        # Lines sent on this connection the room has not answered yet, oldest first; those
+        # with an id, sent or waiting to be sent again, by id; those sent without one.
+        self._inFlight: deque[Line] = deque()
+        self._byId: dict[str, Line] = {}
+        self._withoutId = 0
+        # From the welcome: who we are, and the room's format (how a message is printed).
+        self._you: str | None = None
+        self._format = "prefixed"
+        # The position of the last message shown (or skipped as before our time), if the
+        # room keeps history; the seq the replay of missed messages ends at, while it runs.
+        self.epoch: str | None = None
+        self.seq = 0
+        self._replayEnd: int | None = None
+        # Whether this connection asked for history (and how many), and whether any has been
+        # welcomed (--history N is for the first connection only).
+        self._asked: str = ""
+        self._welcomed = False
 
     # -- what the user sees
 
@@ -318,7 +422,24 @@ class ChatSession:
         elif self.rawOutput:
             self._write(payload + b"\n")
         else:
-            self._write(escapeLine(payload.decode("utf-8", "replace")).encode("utf-8") + b"\n")
+            self._write(escapeControls(payload.decode("utf-8", "replace")).encode("utf-8") + b"\n")
+
+    def showObject(self, obj: dict[str, Any], payload: bytes) -> None:
+        """
+        A JSON object to show (``payload`` as received): printed as the line a plain client of
+        the room's format would print, the greeting for a ``welcome``; presence is not shown.
+        """
+        kind = obj.get("type")
+        if kind == "welcome":
+            text = obj.get("text")
+            if isinstance(text, str) and text:
+                self.showMessage(text.encode("utf-8"), False)
+        elif kind == "message":
+            plain = plainMessage(obj, self._format)
+            if plain is None:
+                self.showMessage(payload, False)
+            else:
+                self.showMessage(*plain)
 
     def status(self, text: str) -> None:
         """A status line or a notice from the daemon (standard error)."""
@@ -326,7 +447,7 @@ class ChatSession:
 
     def showClose(self, code: int, reason: str | None) -> None:
         """The close code (and reason) the room closed the connection with."""
-        self.status(f"closed with code {code}" + (f": {escapeLine(reason)}" if reason else ""))
+        self.status(f"closed with code {code}" + (f": {escapeControls(reason)}" if reason else ""))
 
     # -- standard input and output
 
@@ -337,13 +458,14 @@ class ChatSession:
             cast(Any, lines.transport).pauseProducing()
 
     def send(self, text: str) -> None:
-        if self.connection is not None and not self.pending:
+        line = Line(text)
+        if self._ready and self.connection is not None and not self.pending:
             try:
-                self._transmit(self.connection, text)
+                self._transmit(self.connection, line)
                 return
             except Disconnected:
                 pass
-        self.pending.append(text)
+        self.pending.append(line)
         if len(self.pending) >= self.maxPending and not self._inputPaused:
             self.status(
                 f"{plural(len(self.pending), 'line')} waiting for a connection; "
@@ -351,17 +473,54 @@ class ChatSession:
             )
             self._setInputPaused(True)
 
-    def _transmit(self, connection: ChatClientProtocol, text: str) -> None:
-        """Send ``text``, unless it is longer than the room accepts (then say so)."""
-        data = text.encode("utf-8")
-        limit = connection.maxMessageSize
-        if len(data) > limit:
-            self.lineRefused(
-                f"line of {len(data)} bytes not sent: the room accepts at most {limit} bytes"
-            )
+    def _transmit(self, connection: ChatClientProtocol, line: Line) -> None:
+        """Send ``line``, unless it is longer than the room accepts (then say so)."""
+        data = self._frame(line, connection.maxMessageSize)
+        if data is None:
             return
         connection.sendMessage(data)
         self._sentOnConnection += 1
+        if self._json:
+            self._inFlight.append(line)
+            if line.id is None:
+                self._withoutId += 1
+            else:
+                self._byId[line.id] = line
+
+    def _frame(self, line: Line, limit: int) -> bytes | None:
+        """
+        What to send for ``line``: its text (plain connection), or a ``send`` command with a
+        new id, or (a line too long to carry one) its text as is; None when it does not fit.
+        """
+        text = line.text.encode("utf-8")
+        if not self._commands or line.id is None:
+            if len(text) > limit:
+                self.lineRefused(
+                    f"line of {len(text)} bytes not sent: the room accepts at most {limit} bytes"
+                )
+                return None
+            if not self._commands:
+                return text
+            mid = str(uuid.uuid4())
+            data = sendCommand(line.text, mid)
+            if len(data) <= limit:
+                line.id = mid
+                return data
+            # No room left for the command around it: the text itself, relayed as it is
+            # (once, unless the connection drops before its copy comes back).
+            if not isCommand(text):
+                return text
+            data = sendCommand(line.text, None)
+        else:
+            # Sent before: again with the same id, so that the room relays it once.
+            data = sendCommand(line.text, line.id)
+        if len(data) > limit:
+            self.lineRefused(
+                f"line of {len(text)} bytes not sent: as a command it takes {len(data)} "
+                f"bytes; the room accepts at most {limit} bytes"
+            )
+            return None
+        return data
 
     def lineRefused(self, why: str) -> None:
         """A line was not sent; say why, and exit with status 3 in the end."""
@@ -400,52 +559,225 @@ class ChatSession:
 
     # -- the connection
 
+    def query(self) -> str:
+        """
+        The query the next connection's URL carries: ``since=EPOCH:SEQ`` once a position is
+        known, ``history=N`` on the first connection with ``--history N``, else nothing.
+        """
+        if self.epoch is not None:
+            self._asked = f"since={self.epoch}:{self.seq}"
+        elif self.history and not self._welcomed:
+            self._asked = f"history={self.history}"
+        else:
+            self._asked = ""
+        return self._asked
+
+    def handshakeRefused(self, code: int, reason: str) -> None:
+        """The room answered the opening handshake with HTTP ``code`` and ``reason``."""
+        self.status(f"the room refused the connection: {code} {escapeControls(reason)}")
+        if code == 400 and self._asked:
+            # The room keeps no history (--history 0), or took our position for malformed:
+            # connect without asking for any.
+            if self.epoch is not None:
+                self.status(f"some messages may have been missed ({escapeControls(reason)})")
+            self.epoch = None
+            self._welcomed = True
+
     def connected(self, connection: ChatClientProtocol) -> None:
         self.connection = connection
+        self._json = getattr(connection, "websocket_protocol_in_use", None) == JSON_SUBPROTOCOL
+        self._commands = False
         self.status(f"connected to {connection.factory.url}")
-        while self.pending:
-            text = self.pending.popleft()
+        if not self._json:
+            # Plain: nothing to wait for.
+            self._ready = True
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send the lines waiting (those sent before first, with their ids), then maybe close."""
+        connection = self.connection
+        while self.pending and self._ready and connection is not None:
+            line = self.pending.popleft()
+            if line.answered:
+                continue
             try:
-                self._transmit(connection, text)
+                self._transmit(connection, line)
             except Disconnected:
-                self.pending.appendleft(text)
+                self.pending.appendleft(line)
                 return
-        if self._inputPaused:
+        if self._inputPaused and not self.pending:
             self._setInputPaused(False)
-        if self._inputEnded:
+        if self._inputEnded and self._ready:
             self._closeWhenSent()
 
     def received(self, payload: bytes, isBinary: bool) -> None:
-        if not isBinary and payload.startswith(NOTICE_PREFIX):
+        if self._json and not isBinary:
+            self._receivedObject(payload)
+        elif not isBinary and payload.startswith(NOTICE_PREFIX):
             # The daemon did not relay a message of ours.
             self.notDelivered += 1
-            self.status(escapeLine(payload[len(NOTICE_PREFIX) :].decode("utf-8", "replace")))
+            self.status(escapeControls(payload[len(NOTICE_PREFIX) :].decode("utf-8", "replace")))
         else:
             self.showMessage(payload, isBinary)
+
+    def _receivedObject(self, payload: bytes) -> None:
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            self.showMessage(payload, False)
+            return
+        kind = obj.get("type")
+        if kind == "message":
+            self._message(obj, payload)
+        elif kind == "welcome":
+            self._welcome(obj, payload)
+        elif kind == "duplicate":
+            # A line sent again after a drop had been relayed already.
+            mid = obj.get("id")
+            line = self._byId.get(mid) if isinstance(mid, str) else None
+            if line is not None:
+                self._answered(line)
+        elif kind == "notice":
+            # The room did not relay the oldest line of ours it had not answered.
+            if self._inFlight:
+                self._answered(self._inFlight[0])
+            self.notDelivered += 1
+            self.status(escapeControls(str(obj.get("text", ""))))
+        elif kind in ("join", "leave"):
+            self.showObject(obj, payload)
+        # Other types are for newer clients.
+        if self._inputEnded:
+            self._closeWhenSent()
+
+    def _welcome(self, obj: dict[str, Any], payload: bytes) -> None:
+        you, fmt, size = obj.get("you"), obj.get("format"), obj.get("maxMessageSize")
+        self._you = you if isinstance(you, str) else None
+        self._commands = "maxMessageSize" in obj
+        self._format = fmt if fmt in ("prefixed", "raw") else "prefixed"
+        if isInteger(size) and size > 0 and self.connection is not None:
+            self.connection.maxMessageSize = size
+        self.showObject(obj, payload)
+        self._welcomed = True
+        epoch, seq, recovered = obj.get("epoch"), obj.get("seq"), obj.get("recovered")
+        if not (isinstance(epoch, str) and isInteger(seq)):
+            # The room keeps no history: nothing to resume from.
+            self.epoch = None
+        elif recovered is False:
+            why = (
+                "the room's history has restarted"
+                if epoch != self.epoch
+                else "away longer than the room keeps history"
+            )
+            self.status(f"some messages may have been missed ({why})")
+            if epoch != self.epoch:
+                self.epoch, self.seq = epoch, 0
+        elif recovered is True and epoch == self.epoch:
+            if seq > self.seq:
+                # The missed messages follow, up to seq: lines sent before the drop are sent
+                # again once they are in, unless they are among them.
+                self._replayEnd = seq
+        else:
+            # A first connection: live from here, or the last N messages before.
+            last = self.history if self._asked.startswith("history=") else 0
+            self.epoch, self.seq = epoch, max(seq - last, 0)
+        if self._replayEnd is None:
+            self._ready = True
+            self._flush()
+
+    def _message(self, obj: dict[str, Any], payload: bytes) -> None:
+        mid = obj.get("id")
+        line = self._byId.get(mid) if isinstance(mid, str) else None
+        if line is not None:
+            self._answered(line)
+        elif mid is None and self._withoutId and obj.get("from") == self._you:
+            self._answered(next(line for line in self._inFlight if line.id is None))
+        epoch, seq = obj.get("epoch"), obj.get("seq")
+        if not (isinstance(epoch, str) and isInteger(seq)):
+            self.showObject(obj, payload)
+            return
+        otherEpoch = epoch != self.epoch
+        if otherEpoch or seq > self.seq:
+            self.showObject(obj, payload)
+            self.epoch, self.seq = epoch, seq
+        # else: shown before the connection dropped.
+        if self._replayEnd is not None and (seq >= self._replayEnd or otherEpoch):
+            self._replayEnd = None
+            self._ready = True
+            self._flush()
+
+    def _answered(self, line: Line) -> None:
+        """The room relayed ``line`` (or refused it): it is not to be sent again."""
+        line.answered = True
+        if line.id is not None:
+            self._byId.pop(line.id, None)
+        inFlight = self._inFlight
+        # Answers come in the order the lines went out, but for lines sent without an id.
+        if inFlight and inFlight[0] is line:
+            inFlight.popleft()
+        elif line in inFlight:
+            inFlight.remove(line)
+        else:
+            return
+        if line.id is None:
+            self._withoutId -= 1
 
     def disconnected(
         self, connection: ChatClientProtocol, code: int | None, reason: str | None
     ) -> None:
         if self.connection is connection:
             self.connection = None
+        self._ready = False
+        self._replayEnd = None
         sent, self._sentOnConnection = self._sentOnConnection, 0
-        if code is not None and code != WebSocketProtocol.CLOSE_STATUS_CODE_ABNORMAL_CLOSE:
+        inFlight, self._inFlight, self._withoutId = list(self._inFlight), deque(), 0
+        closed = code is not None and code != WebSocketProtocol.CLOSE_STATUS_CODE_ABNORMAL_CLOSE
+        if closed:
+            assert code is not None
             self.showClose(code, reason)
-            if code not in _NORMAL_CLOSES:
-                # The room closed over something we sent: lines sent since may be lost.
-                self.notDelivered += 1
-        elif sent:
+        if closed and code not in _NORMAL_CLOSES:
+            # The room closed over something we sent: lines sent since may be lost.
+            self.notDelivered += max(len(inFlight), 1)
+            self._forget(inFlight)
+        elif self._json and code != WebSocketProtocol.CLOSE_STATUS_CODE_NORMAL:
+            # Sent again on the next connection, with the same ids, if the room keeps history
+            # (it relays an id once); otherwise their fate is unknown.
+            resumable = self.epoch is not None
+            again = [line for line in inFlight if line.id is not None and resumable]
+            self.pending.extendleft(reversed(again))
+            lost = [line for line in inFlight if line.id is None or not resumable]
+            self._forget(lost)
+            if lost:
+                self.notDelivered += len(lost)
+                self.status(
+                    f"connection lost before the room confirmed {plural(len(lost), 'line')} "
+                    "sent on it"
+                )
+        elif not closed and sent:
             # No closing handshake confirmed that the room read what we sent.
             self.notDelivered += 1
             self.status("connection lost before the room confirmed the lines sent on it")
-        if self._finishing:
+        else:
+            self._forget(inFlight)
+        if self._finishing or (self._inputEnded and not self.pending):
             self.finish(self.exitCode)
+
+    def _forget(self, lines: list[Line]) -> None:
+        for line in lines:
+            line.answered = True
+            if line.id is not None:
+                self._byId.pop(line.id, None)
 
     def gaveUp(self) -> None:
         self.finish(EXIT_GAVE_UP)
 
     def _closeWhenSent(self) -> None:
-        assert self.connection is not None
+        """Close, once every line is sent and (JSON) answered by the room."""
+        if self.connection is None or self._finishing or self.pending or self._inFlight:
+            return
+        if not self._ready:
+            return
         self._finishing = True
         if self.factory is not None:
             self.factory.stopTrying()
@@ -472,10 +804,11 @@ class ChatSession:
         Stop for good once standard output is flushed, with exit status ``code``, or 3 when
         ``code`` is 0 but lines were not sent or not delivered.
         """
-        if self.pending:
-            self.notDelivered += len(self.pending)
-            self.status(f"{plural(len(self.pending), 'line')} never sent")
-            self.pending.clear()
+        unsent = sum(not line.answered for line in self.pending)
+        self.pending.clear()
+        if unsent:
+            self.notDelivered += unsent
+            self.status(f"{plural(unsent, 'line')} never sent")
         if code == EXIT_OK and self.notDelivered:
             self.status(f"{plural(self.notDelivered, 'line')} not sent or not delivered")
             code = EXIT_NOT_DELIVERED
@@ -519,6 +852,9 @@ class Options(usage.Options):
         "Send each line of standard input to a wschat room and print what the room says. "
         "Room messages go to standard output, one per line with control characters escaped "
         "(\\\\ \\n \\r \\t \\xHH); status and the daemon's notices go to standard error. "
+        "After a reconnect it prints what it missed, if the room still holds it (and says so "
+        "on standard error if not), never a message twice; a line sent before a drop is "
+        "relayed once. "
         "Exit status: 0 all lines sent, 1 gave up connecting, 2 usage error, "
         "3 some lines refused or not delivered. "
         "On a terminal (standard input and output) it is interactive instead: the room scrolls "
@@ -545,6 +881,7 @@ class Options(usage.Options):
         self["port"] = None
         self["max-retries"] = None
         self["queue-size"] = 1000
+        self["history"] = 0
 
     def opt_port(self, value: str) -> None:
         """Shortcut for --url ws://127.0.0.1:PORT."""
@@ -559,6 +896,10 @@ class Options(usage.Options):
     def opt_queue_size(self, value: str) -> None:
         """Lines kept while disconnected before input pauses [default: 1000]."""
         self["queue-size"] = _whole("queue-size", value, 1)
+
+    def opt_history(self, value: str) -> None:
+        """On the first connection, print the last N messages of the room first [default: 0]."""
+        self["history"] = _whole("history", value, 0)
 
     def opt_version(self) -> None:
         """Print wschat's version and exit."""
@@ -611,8 +952,11 @@ async def run(reactor: Any, options: Options) -> None:
         maxPending=options["queue-size"],
         listenOnly=options["listen-only"],
         rawOutput=options["raw-output"],
+        history=options["history"],
     )
-    factory = ChatClientFactory(options["url"], session, reactor=reactor)
+    factory = ChatClientFactory(
+        options["url"], session, reactor=reactor, protocols=[JSON_SUBPROTOCOL]
+    )
     factory.maxRetries = options["max-retries"]
     stdio.StandardIO(StdinLines(session), reactor=reactor)
     reactor.addSystemEventTrigger("before", "shutdown", session.close)

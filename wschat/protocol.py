@@ -28,10 +28,10 @@ from wschat.closing import (
     UNSUPPORTED_DATA,
     closeWith,
 )
+from wschat.escaping import escapeControls
 from wschat.handshake import forwardedClient, senderAddress
 from wschat.history import BadQuery, Position, parseQuery
 from wschat.limits import InboundBudget, Limits, TokenBucket, hostKey
-from wschat.logtext import escapeLogText
 from wschat.metrics import REFUSED_BINARY, REFUSED_COMMAND, REFUSED_RATE_LIMIT, REFUSED_RELAY
 from wschat.wire import (
     JSON_SUBPROTOCOL,
@@ -288,7 +288,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             self._logLine("New connection from {peer}", peer=self.address)
         greeting = server.greeting(self, recovered)
         if greeting:
-            self.sendMessage(greeting)
+            self._sendOwn(greeting)
             server.metrics.delivered(1, len(greeting))
         if room.replaying(self):
             self._replay()
@@ -477,7 +477,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
                 peer=self.address,
                 code=code,
                 # The client chose it: escaped, as all client text in the log.
-                reason=escapeLogText(reason or ""),
+                reason=escapeControls(reason or ""),
                 wasClean=wasClean,
             )
         # Last: the last connection gone may stop the daemon (and flush the log) right here.
@@ -548,6 +548,14 @@ class ChatServerProtocol(WebSocketServerProtocol):
         """
         return self.state == _OPEN and not self._paused
 
+    def _sendOwn(self, payload: bytes) -> None:
+        """
+        Send a text message of the daemon's own (greeting, notice, duplicate). Autobahn's
+        sendMessage refuses one over --max-message-size, which bounds what clients send: a
+        JSON welcome is longer than a small limit. Uncompressed: these are short.
+        """
+        self.sendPreparedMessage(self.factory.prepareMessage(payload, doNotCompress=True))
+
     def refused(self, reason: str) -> None:
         """
         Tell this client the bus did not relay its message: the text ``wschat: <reason>``,
@@ -568,7 +576,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             # A client that sends but never reads must not grow its queue of notices either.
             if self._paused and self._overQueue(len(notice) + 2):
                 return
-            self.sendMessage(notice)
+            self._sendOwn(notice)
 
     def duplicate(self, mid: str, position: Position) -> None:
         """
@@ -581,7 +589,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             answer = jsonDuplicate(mid, position.epoch, position.seq)
             if self._paused and self._overQueue(len(answer) + 2):
                 return
-            self.sendMessage(answer)
+            self._sendOwn(answer)
 
     def goAway(self) -> Deferred[None]:
         """
@@ -619,7 +627,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             self._logLine(
                 "From client {peer}: {text}",
                 peer=self.address,
-                text=escapeLogText(payload.decode("utf-8")),
+                text=escapeControls(payload.decode("utf-8")),
             )
 
     def failHandshake(
@@ -627,7 +635,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
     ) -> None:
         # Autobahn logs the reason and answers it as the HTTP status text; reasons quote what
         # the client sent (its Origin, method, request line): escaped, for both.
-        super().failHandshake(escapeLogText(reason), code, responseHeaders)
+        super().failHandshake(escapeControls(reason), code, responseHeaders)
 
 
 class ChatServerFactory(WebSocketServerFactory):

@@ -258,6 +258,7 @@ class ChatServer(service.MultiService):
                 text,
                 self.reactor.seconds(),
                 maxMessageSize=self.limits.maxMessageSize,
+                roomFormat=self.room.format,
                 epoch=history.epoch if history is not None else None,
                 seq=history.head if history is not None else 0,
                 recovered=recovered,

@@ -113,7 +113,7 @@ def _endpoint(option: str, description: str) -> str:
 
 _defaults = Limits()
 
-#: Resource limits (README: "Limits and hostile input"); each becomes a field of Limits.
+#: Resource limits (docs/operations.md, "Limits and hostile input"); each is a field of Limits.
 LIMIT_PARAMETERS: list[list[Any]] = [
     [
         "max-queue",

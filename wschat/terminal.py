@@ -896,14 +896,14 @@ class TerminalSession(ChatSession):
     :class:`ChatControl`.
     """
 
-    def __init__(self, reactor: IReactorTime, maxPending: int = 1000) -> None:
-        super().__init__(reactor, _stderrStatus, maxPending=maxPending)
+    def __init__(self, reactor: IReactorTime, maxPending: int = 1000, history: int = 0) -> None:
+        super().__init__(reactor, _stderrStatus, maxPending=maxPending, history=history)
         self.screen: ChatTerminal | None = None
         self.reader: RoomReader | None = None
 
     def attachScreen(self, screen: ChatTerminal) -> None:
         self.screen = screen
-        self.reader = RoomReader(screen, refused=self._refused)
+        self.reader = RoomReader(screen)
 
     def detachScreen(self) -> None:
         self.screen = None
@@ -911,11 +911,16 @@ class TerminalSession(ChatSession):
     def _shown(self) -> ChatTerminal | None:
         return self.screen if self.screen is not None and not self.screen.closed else None
 
-    # What the user sees (wschat.client.ChatSession's three methods)
+    # What the user sees (wschat.client.ChatSession's four methods; the session itself
+    # counts a JSON notice as a line not delivered and shows it through status()).
 
     def showMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._shown() is not None and self.reader is not None:
             self.reader.received(payload, isBinary)
+
+    def showObject(self, obj: dict[str, Any], payload: bytes) -> None:
+        if self._shown() is not None and self.reader is not None:
+            self.reader.received(payload, False)
 
     def status(self, text: str) -> None:
         screen = self._shown()
@@ -927,12 +932,6 @@ class TerminalSession(ChatSession):
             screen.showNotice(text, important=True)
         else:
             screen.showStatus(text)
-
-    def _refused(self, text: str) -> None:
-        # A JSON notice: the room did not relay a message of ours, as a plain "wschat: " one.
-        self.notDelivered += 1
-        if self.screen is not None:
-            self.screen.showNotice(text, important=True)
 
     # ChatControl
 
@@ -1077,7 +1076,9 @@ async def run(reactor: Any, options: Mapping[str, Any], colour: bool) -> None:
     The client's interactive mode, as ``wschat.client.run`` is its line mode: the same
     connection and session, the ``wschat.json`` subprotocol offered so the room says who we are.
     """
-    session = TerminalSession(reactor, maxPending=options["queue-size"])
+    session = TerminalSession(
+        reactor, maxPending=options["queue-size"], history=options.get("history", 0)
+    )
     factory = ChatClientFactory(
         options["url"], session, reactor=reactor, protocols=[JSON_SUBPROTOCOL]
     )

@@ -122,14 +122,16 @@ def jsonWelcome(
     when: float,
     *,
     maxMessageSize: int | None = None,
+    roomFormat: Format | None = None,
     epoch: str | None = None,
     seq: int = 0,
     recovered: bool | None = None,
 ) -> bytes:
     """
     The first object a JSON client receives: its own address, how many are online, the
-    greeting, the largest message it may send; with history on, the room's position when the
-    welcome was sent (``epoch``, ``seq``), and, when it asked to recover, whether it did.
+    greeting, the largest message it may send, the room's format (how a plain client sees each
+    message); with history on, the room's position when the welcome was sent (``epoch``,
+    ``seq``), and, when it asked to recover, whether it did.
     """
     obj: dict[str, Any] = {
         "type": "welcome",
@@ -140,6 +142,8 @@ def jsonWelcome(
     }
     if maxMessageSize is not None:
         obj["maxMessageSize"] = maxMessageSize
+    if roomFormat is not None:
+        obj["format"] = roomFormat.value
     if epoch is not None:
         obj["epoch"] = epoch
         obj["seq"] = seq

@@ -1,4 +1,4 @@
-"""Client text in the daemon log: control characters escaped, reversibly."""
+"""Text from the room made safe to print (daemon log, client output): controls escaped."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from rawws import RawClient, handshake, rawConnect
 from twisted.trial.unittest import SynchronousTestCase
 
-from wschat.logtext import escapeLogText, unescapeLogText
+from wschat.escaping import escapeControls, unescapeControls
 from wschat.testing import connect
 
 #: A message that, logged raw, would start a second line that seems to come from someone else.
@@ -32,14 +32,14 @@ class EscapeLogTextTests(SynchronousTestCase):
             SPOOF: SPOOF_LOGGED,
         }
         for text, logged in cases.items():
-            self.assertEqual(escapeLogText(text), logged)
+            self.assertEqual(escapeControls(text), logged)
 
     @given(st.text())
     def test_reversible(self, text: str) -> None:
         """Any text escapes to one line free of control characters, and unescapes back."""
-        logged = escapeLogText(text)
+        logged = escapeControls(text)
         self.assertTrue(controlFree(logged))
-        self.assertEqual(unescapeLogText(logged), text)
+        self.assertEqual(unescapeControls(logged), text)
 
 
 def noRawControls(logged: list[str]) -> bool:
