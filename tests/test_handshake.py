@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -275,3 +276,16 @@ class ListensOnLoopbackOnlyTests(SynchronousTestCase):
         ]:
             with self.subTest(description=description):
                 self.assertFalse(listensOnLoopbackOnly(description))
+
+
+def test_host_answers_are_kept_per_host_and_local_address():
+    """A Host seen before gets the same answer, per local address; a bad one raises each time."""
+    policy = HostPolicy.fromList([], own=[])
+    here = IPv4Address("TCP", "192.0.2.1", 2000)
+    there = IPv4Address("TCP", "192.0.2.2", 2000)
+    for _ in range(2):
+        assert policy.allows("192.0.2.1:2000", here) is True
+        assert policy.allows("192.0.2.1:2000", there) is False
+        assert policy.allows("chat.example.com", here) is False
+        with pytest.raises(ValueError):
+            policy.allows("bad host!", here)

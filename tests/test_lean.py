@@ -100,3 +100,38 @@ async def test_open_connection_holds_no_option_copies(daemon):
     finally:
         client.sendClose(1000)
         await client.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_open_connection_lets_go_of_its_handshake(daemon):
+    """
+    Pins Autobahn: once open, a connection keeps no handshake text or headers and no deque
+    of its own, and still relays, sends through Autobahn's queue and closes cleanly.
+    """
+    service, url = daemon("--welcome", "hello")
+    alice = await connect(url)
+    assert await alice.nextText() == "hello"
+    (server,) = list(service.room)
+    assert type(server.send_queue) is lean.SendQueue and not server.send_queue
+    assert server.http_request_data is None and server.http_response_data is None
+    assert dict(server.http_headers) == {}
+    alice.sendText("one")
+    assert (await alice.nextText()).endswith("one")
+    # A synchronous send goes through Autobahn's send queue, now a SendQueue.
+    server.sendMessage(b"queued", sync=True)
+    assert await alice.nextText() == "queued"
+    alice.sendText("two")
+    assert (await alice.nextText()).endswith("two")
+    alice.sendClose(1000)
+    assert await alice.closed == (1000, None)
+
+
+def test_send_queue_works_as_autobahn_uses_it():
+    """A synchronous send (which queues in Autobahn) goes out whole and in order."""
+    queue = lean.SendQueue()
+    queue.append((b"a", True))
+    queue.append((b"b", False))
+    assert len(queue) == 2
+    assert queue.popleft() == (b"a", True)
+    assert queue.popleft() == (b"b", False)
+    assert len(queue) == 0

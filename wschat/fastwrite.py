@@ -35,7 +35,7 @@ so Twisted meets the error in its own ``doWrite`` and closes the connection its 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -76,7 +76,7 @@ def canSendDirectly(transport: Any) -> bool:
         return False
 
 
-def sendOrQueue(send: Any, transport: Any, data: bytes) -> int:
+def sendOrQueue(send: Any, transport: Any, data: bytes | memoryview) -> int:
     """
     Hand ``data`` to the kernel with ``send`` (the transport's ``socket.send``); what the
     kernel does not take goes to ``transport.write``, behind it.
@@ -90,14 +90,15 @@ def sendOrQueue(send: Any, transport: Any, data: bytes) -> int:
     except (BlockingIOError, InterruptedError):
         sent = 0
     except OSError:
-        transport.write(data)
+        transport.write(bytes(data))
         return 0
     if sent < len(data):
-        transport.write(data[sent:])
+        # bytes() of a bytes slice is that slice; of a memoryview slice, a copy.
+        transport.write(bytes(data[sent:]))
     return sent
 
 
-def writeNow(transport: Any, data: bytes) -> int:
+def writeNow(transport: Any, data: bytes | memoryview) -> int:
     """
     Write ``data`` to ``transport``, as much of it as the kernel takes straight away.
 
@@ -105,7 +106,7 @@ def writeNow(transport: Any, data: bytes) -> int:
     transport cannot be bypassed) went through ``transport.write``.
     """
     if not canSendDirectly(transport):
-        transport.write(data)
+        transport.write(bytes(data))
         return 0
     return sendOrQueue(transport.socket.send, transport, data)
 
@@ -136,6 +137,8 @@ class Turns:
         self.busyNext = False
         self.scheduled = False
         self.held: list[FastTransport] = []
+        #: The shared frames kept in this turn, sent at its end.
+        self.shared: list[SharedFrames] = []
 
     def schedule(self) -> None:
         """Make sure this turn ends with :meth:`endTurn`."""
@@ -151,6 +154,120 @@ class Turns:
         held, self.held = self.held, []
         for writer in held:
             writer.flush()
+        # After each connection's own held writes: what a connection wrote after some of
+        # the shared frames went into its held writes behind them (FastTransport.catchUp).
+        shared, self.shared = self.shared, []
+        for frames in shared:
+            frames.flush()
+
+
+class SharedMember(Protocol):
+    """What :class:`SharedFrames` needs of a connection."""
+
+    def deliver(self, frame: Any) -> None:
+        """Send one frame the connection's usual way (the path off the shared buffer)."""
+
+    def takesShared(self) -> bool:
+        """
+        Whether the turn's frames may go out as one shared buffer now: the connection is
+        open and keeping up (its transport has not paused it).
+        """
+
+
+class SharedFrames:
+    """
+    The frames every member of a group (the room's members of one format, on plain TCP,
+    without compression) receives in a busy turn, kept once for all of them.
+
+    In a busy turn (see :class:`Turns`) the room hands each frame to :meth:`add` once,
+    instead of to every member. At the turn's end :meth:`flush` joins the turn's frames once
+    and hands the same bytes to each member's writer: one ``send`` per member per turn, and
+    no Python per member per frame. A member that joined during the turn gets a slice (a
+    ``memoryview``) from the first frame after it joined. A member that is not keeping up
+    (:meth:`SharedMember.takesShared`), gets the frames one by one through its own
+    ``deliver``, as outside a busy turn, with the same flow control and accounting.
+
+    A member's writer keeps where the member is in the turn's frames. When anything else is
+    written to it during the turn (a pong, a notice, a close frame), it first takes the
+    frames it had not had yet, one by one (:meth:`FastTransport.catchUp`), so each member's
+    bytes keep the order in which they were written.
+    """
+
+    __slots__ = ("turns", "members", "frames", "parts", "ends", "size", "turn")
+
+    def __init__(self, turns: Turns) -> None:
+        self.turns = turns
+        #: Each member and its writer, in join order.
+        self.members: dict[SharedMember, FastTransport] = {}
+        #: The frames kept in this turn (as the members' ``deliver`` takes them).
+        self.frames: list[Any] = []
+        #: Their bytes on the wire.
+        self.parts: list[bytes] = []
+        #: Where each frame ends in the joined bytes.
+        self.ends: list[int] = []
+        self.size = 0
+        #: The turn the frames kept were kept in.
+        self.turn = -1
+
+    def join(self, member: SharedMember, writer: FastTransport) -> None:
+        """Add ``member``, written through ``writer``; it gets the frames from now on."""
+        writer.shared = self
+        writer.member = member
+        writer.sharedTurn = self.turns.turn
+        writer.sharedStart = len(self.frames)
+        self.members[member] = writer
+
+    def leave(self, member: SharedMember) -> bool:
+        """Remove ``member``, after handing it what it had not had of this turn's frames."""
+        writer = self.members.pop(member, None)
+        if writer is None:
+            return False
+        writer.catchUp()
+        writer.shared = None
+        writer.member = None
+        return True
+
+    def add(self, frame: Any, data: bytes) -> None:
+        """Keep ``frame`` (``data`` on the wire) for every member, to the turn's end."""
+        t = self.turns
+        if not self.frames:
+            self.turn = t.turn
+            t.shared.append(self)
+            t.schedule()
+        else:
+            # As a connection getting a second write in a turn: the next turn is busy too.
+            t.busyNext = True
+        self.frames.append(frame)
+        self.parts.append(data)
+        self.size += len(data)
+        self.ends.append(self.size)
+
+    def behind(self, writer: FastTransport) -> int:
+        """Where ``writer``'s member is in the frames kept: the index of its next frame."""
+        return writer.sharedStart if writer.sharedTurn == self.turn else 0
+
+    def flush(self) -> None:
+        """Hand the turn's frames to every member: one write each, or one by one."""
+        frames, ends = self.frames, self.ends
+        count = len(frames)
+        if not count:
+            return
+        parts = self.parts
+        data = parts[0] if count == 1 else b"".join(parts)
+        self.frames, self.parts, self.ends, self.size = [], [], [], 0
+        turn = self.turn
+        view = memoryview(data)
+        for member, writer in tuple(self.members.items()):
+            start = writer.sharedStart if writer.sharedTurn == turn else 0
+            if start >= count:
+                continue
+            writer.sharedTurn = turn
+            writer.sharedStart = count
+            if member.takesShared():
+                writer.sendShared(data if start == 0 else view[ends[start - 1] :])
+            else:
+                for frame in frames[start:]:
+                    member.deliver(frame)
 
 
 def wrap(transport: Any, turns: Turns) -> Any:
@@ -187,7 +304,19 @@ class FastTransport:
     every client on every message.
     """
 
-    __slots__ = ("transport", "turns", "_send", "dirty", "held", "turn", "__weakref__")
+    __slots__ = (
+        "transport",
+        "turns",
+        "_send",
+        "dirty",
+        "held",
+        "turn",
+        "shared",
+        "member",
+        "sharedTurn",
+        "sharedStart",
+        "__weakref__",
+    )
 
     def __init__(self, transport: Any, turns: Turns, send: Any) -> None:
         #: The TCP transport written to.
@@ -200,6 +329,12 @@ class FastTransport:
         self.held: list[bytes] | None = None
         #: The last turn in which this connection sent directly.
         self.turn = -1
+        #: The shared frames of the connection's group, if it is in one, and its member.
+        self.shared: SharedFrames | None = None
+        self.member: SharedMember | None = None
+        #: The turn and index from which the member still needs the shared frames.
+        self.sharedTurn = -1
+        self.sharedStart = 0
 
     @property
     def __providedBy__(self) -> Specification:
@@ -213,6 +348,9 @@ class FastTransport:
 
     def write(self, data: bytes) -> None:
         """Send ``data`` after everything written before it."""
+        shared = self.shared
+        if shared is not None and shared.frames and shared.behind(self) < len(shared.frames):
+            self.catchUp()
         held = self.held
         if held is not None:
             held.append(data)
@@ -241,6 +379,31 @@ class FastTransport:
         """Send every piece of ``data``, in one write."""
         self.write(b"".join(data))
 
+    def catchUp(self) -> None:
+        """
+        Write the shared frames of this turn that the member has not had yet, one by one
+        through its ``deliver``: something else is about to be written behind them.
+        """
+        shared = self.shared
+        if shared is None or self.member is None:
+            return
+        start = shared.behind(self)
+        frames = shared.frames
+        self.sharedTurn = shared.turn
+        self.sharedStart = len(frames)
+        for frame in frames[start:]:
+            self.member.deliver(frame)
+
+    def sendShared(self, data: bytes | memoryview) -> None:
+        """Send the turn's shared frames (or the member's slice of them) in one write."""
+        if self.dirty:
+            if not canSendDirectly(self.transport):
+                self.transport.write(bytes(data))
+                return
+            self.dirty = False
+        if sendOrQueue(self._send, self.transport, data) != len(data):
+            self.dirty = True
+
     def flush(self) -> None:
         """Send the writes held, if any, in one write."""
         held = self.held
@@ -254,6 +417,7 @@ class FastTransport:
     def _leaving(self) -> None:
         # Whatever the transport does next (close, half-close, TLS), the writes held go
         # before it, and every later write asks the transport whether it may be bypassed.
+        self.catchUp()
         self.flush()
         self.dirty = True
 

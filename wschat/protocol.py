@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from wschat import lean
+from wschat import fastwrite, lean
 from wschat.closing import (
     GOING_AWAY,
     POLICY_VIOLATION,
@@ -164,7 +164,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
         return False
 
     def _tooSlow(self) -> None:
-        self._log.info(
+        self._logLine(
             "Closing {peer}: more than {limit} bytes waiting to be sent",
             peer=self.address,
             limit=self._maxQueue,
@@ -255,6 +255,8 @@ class ChatServerProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self._plainFrames = not self.websocket_extensions_in_use
+        # An idle connection holds only what it still needs: see wschat.lean.
+        lean.trimOpenConnection(self)
         server = self.factory.chatServer
         since = self._since
         if since is not None and server.history is not None:
@@ -288,10 +290,13 @@ class ChatServerProtocol(WebSocketServerProtocol):
             else:
                 server.metrics.recovery(recovered)
         # Join, greet and start the replay in one go: no message can come in between.
-        room.join(self, self.format, start)
+        writer = self.transport if self._plainFrames else None
+        if not isinstance(writer, fastwrite.FastTransport):
+            writer = None
+        room.join(self, self.format, start, writer)
         server.metrics.connectionOpened()
         if server.logConnections:
-            self._log.info("New connection from {peer}", peer=self.address)
+            self._logLine("New connection from {peer}", peer=self.address)
         greeting = server.greeting(self, recovered)
         if greeting:
             self.sendMessage(greeting)
@@ -308,7 +313,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
         server.metrics.messageReceived()
         bucket = self._bucket
         if bucket is not None and not bucket.take():
-            self._log.info("Closing {peer}: rate limit exceeded", peer=self.address)
+            self._logLine("Closing {peer}: rate limit exceeded", peer=self.address)
             server.metrics.messageRefused(REFUSED_RATE_LIMIT)
             closeWith(
                 self,
@@ -460,7 +465,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
         if self._refusing or self.state != _OPEN:
             return
         self._refusing = True
-        self._log.info("Closing {peer}: {reason}", peer=self.address, reason=reason)
+        self._logLine("Closing {peer}: {reason}", peer=self.address, reason=reason)
         self._cancelResume()
         self._unread = b""
         self.message_data = []
@@ -477,9 +482,8 @@ class ChatServerProtocol(WebSocketServerProtocol):
         if self._hostKey is not None:
             server.connectionsPerHost.release(self._hostKey)
             self._hostKey = None
-        self._fireGone()
         if self.address and server.logConnections:
-            self._log.info(
+            self._logLine(
                 "Connection from {peer} closed: code {code} {reason}",
                 peer=self.address,
                 code=code,
@@ -487,6 +491,8 @@ class ChatServerProtocol(WebSocketServerProtocol):
                 reason=escapeControls(reason or ""),
                 wasClean=wasClean,
             )
+        # Last: the last connection gone may stop the daemon (and flush the log) right here.
+        self._fireGone()
 
     # -- replaying history (wschat.room.Replayer)
 
@@ -518,7 +524,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
             self.sendPreparedMessage(frame)
 
     def fellBehind(self) -> None:
-        self._log.info(
+        self._logLine(
             "Closing {peer}: its history replay fell out of the window", peer=self.address
         )
         self.factory.chatServer.metrics.clientDropped()
@@ -545,6 +551,13 @@ class ChatServerProtocol(WebSocketServerProtocol):
                 self.sendPreparedMessage(frame)
             except Disconnected:
                 pass
+
+    def takesShared(self) -> bool:
+        """
+        Whether a busy turn's frames may go to this client as the shared buffer: it is open
+        and its transport has not paused it (else each frame goes through :meth:`deliver`).
+        """
+        return self.state == _OPEN and not self._paused
 
     def sendMessage(
         self,
@@ -620,6 +633,11 @@ class ChatServerProtocol(WebSocketServerProtocol):
             abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
             abort()
 
+    def _logLine(self, format: str, **fields: Any) -> None:
+        # At the end of the reactor turn, with the connection lines of other clients:
+        # see wschat.turnlog.
+        self.factory.chatServer.lines.info(self._log, format, **fields)
+
     def _fireGone(self) -> None:
         waiters, self._goneWaiters = self._goneWaiters, ()
         for gone in waiters:
@@ -627,12 +645,12 @@ class ChatServerProtocol(WebSocketServerProtocol):
 
     def _logMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
-            self._log.info(
+            self._logLine(
                 "From client {peer}: <{size} bytes binary>", peer=self.address, size=len(payload)
             )
         else:
             # Escaped: one message, one log line, no terminal control codes from clients.
-            self._log.info(
+            self._logLine(
                 "From client {peer}: {text}",
                 peer=self.address,
                 text=escapeControls(payload.decode("utf-8")),

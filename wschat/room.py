@@ -28,6 +28,7 @@ from typing import Literal, Protocol
 from autobahn.websocket.protocol import PreparedMessage
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from wschat.fastwrite import FastTransport, SharedFrames, Turns
 from wschat.history import Entry, History, Position
 from wschat.metrics import Metrics
 from wschat.wire import (
@@ -79,12 +80,14 @@ class Replayer(Member, Protocol):
 class _Replay:
     """A replaying member's state: its format and the next position to send."""
 
-    __slots__ = ("fmt", "epoch", "next")
+    __slots__ = ("fmt", "epoch", "next", "writer")
 
-    def __init__(self, fmt: Format, epoch: str, start: int) -> None:
+    def __init__(self, fmt: Format, epoch: str, start: int, writer: FastTransport | None) -> None:
         self.fmt = fmt
         self.epoch = epoch
         self.next = start
+        #: Its transport, if it can share a busy turn's frames once live.
+        self.writer = writer
 
 
 def _nobody() -> int:
@@ -129,6 +132,14 @@ class Room:
         # Members grouped by the format they receive, so that a broadcast frames each format
         # once. Dicts keep join order, so deliveries go out in a stable order.
         self._groups: dict[Format, dict[Member, None]] = {}
+        #: The reactor's turns as the connections' writers see them; with it, members on
+        #: plain TCP without compression get a busy turn's frames as one shared buffer.
+        self.turns: Turns | None = None
+        # Per format: the members written through a FastTransport (their frames shared in a
+        # busy turn), and the others (TLS, compression, other transports), delivered to
+        # one by one.
+        self._shared: dict[Format, SharedFrames] = {}
+        self._single: dict[Format, dict[Member, None]] = {}
         self.history = history
         # Members still being sent history, not yet in a group.
         self._replaying: dict[Member, _Replay] = {}
@@ -151,9 +162,17 @@ class Room:
         """The connections of the room: this daemon's, and those of its other daemons."""
         return len(self) + self.elsewhere()
 
-    def join(self, member: Member, fmt: Format | None = None, start: int | None = None) -> None:
+    def join(
+        self,
+        member: Member,
+        fmt: Format | None = None,
+        start: int | None = None,
+        writer: FastTransport | None = None,
+    ) -> None:
         """
-        Add ``member``, which receives ``fmt`` (the room's format unless given).
+        Add ``member``, which receives ``fmt`` (the room's format unless given). ``writer``:
+        its transport, when the frames' bytes may be written to it as they are (plain TCP,
+        no compression), so that it can share a busy turn's frames with others.
 
         With ``start`` (a seq of the history, see :meth:`History.start`) it first replays the
         history from there: the caller then calls :meth:`catchUp`, after anything the member
@@ -162,9 +181,20 @@ class Room:
         fmt = fmt if fmt is not None else self.format
         history = self.history
         if start is not None and history is not None and start <= history.head:
-            self._replaying[member] = _Replay(fmt, history.epoch, start)
+            self._replaying[member] = _Replay(fmt, history.epoch, start, writer)
         else:
-            self._groups.setdefault(fmt, {})[member] = None
+            self._live(member, fmt, writer)
+
+    def _live(self, member: Member, fmt: Format, writer: FastTransport | None) -> None:
+        """``member`` receives every broadcast from now on."""
+        self._groups.setdefault(fmt, {})[member] = None
+        if writer is not None and self.turns is not None and hasattr(member, "takesShared"):
+            shared = self._shared.get(fmt)
+            if shared is None:
+                shared = self._shared[fmt] = SharedFrames(self.turns)
+            shared.join(member, writer)  # type: ignore[arg-type]
+        else:
+            self._single.setdefault(fmt, {})[member] = None
 
     def replaying(self, member: Member) -> bool:
         """Whether ``member`` is still being sent history."""
@@ -204,7 +234,7 @@ class Room:
                 size += len(frame.payloadHybi)
                 seq += 1
             del self._replaying[member]
-            self._groups.setdefault(replay.fmt, {})[member] = None
+            self._live(member, replay.fmt, replay.writer)
         finally:
             replay.next = seq
             self.metrics.delivered(frames, size)
@@ -236,6 +266,9 @@ class Room:
                 del group[member]
                 if not group:
                     del self._groups[fmt]
+                shared = self._shared.get(fmt)
+                if shared is None or not shared.leave(member):  # type: ignore[arg-type]
+                    self._single.get(fmt, {}).pop(member, None)
                 return True
         return False
 
@@ -262,11 +295,9 @@ class Room:
             else:
                 payload, isBinary = relayPayload(fmt, message), message.isBinary
             frame = self._prepare(payload, isBinary)
-            members = tuple(group)
-            for member in members:
-                member.deliver(frame)
-            frames += len(members)
-            size += len(members) * len(payload)
+            count = self._deliver(fmt, group, frame)
+            frames += count
+            size += count * len(payload)
         self.metrics.messageBroadcast(frames, size)
 
     def _relayWithPosition(
@@ -288,12 +319,28 @@ class Room:
                 frame = self._prepare(payload, message.isBinary)
                 if fmt is self.format:
                     history.cacheFrame(entry, frame, False, evict=True)
-            members = tuple(group)
-            for member in members:
-                member.deliver(frame)
-            frames += len(members)
-            size += len(members) * len(payload)
+            count = self._deliver(fmt, group, frame)
+            frames += count
+            size += count * len(payload)
         self.metrics.messageBroadcast(frames, size)
+
+    def _deliver(self, fmt: Format, group: dict[Member, None], frame: PreparedMessage) -> int:
+        """
+        Give ``frame`` to every member of ``group`` (those of ``fmt``); how many they are.
+        In a busy turn it is kept once for all that share (sent at the turn's end), and
+        handed to the others one by one.
+        """
+        count = len(group)
+        shared = self._shared.get(fmt)
+        if shared is not None and shared.members and shared.turns.busy:
+            shared.add(frame, frame.payloadHybi)
+            members = tuple(self._single.get(fmt, ()))
+        else:
+            # Snapshot: a delivery may make a member leave (a slow reader dropped).
+            members = tuple(group)
+        for member in members:
+            member.deliver(frame)
+        return count
 
     def announce(
         self,

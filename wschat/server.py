@@ -31,6 +31,7 @@ from wschat.metrics import Metrics
 from wschat.protocol import ChatServerFactory, ChatServerProtocol
 from wschat.room import Room
 from wschat.tuning import withBacklog
+from wschat.turnlog import TurnLog
 from wschat.web import makeMetricsSite, makeSite
 from wschat.wire import Format, jsonWelcome
 
@@ -165,6 +166,8 @@ class ChatServer(service.MultiService):
         self.trustedHops = trustedHops
         self.shutdownTimeout = shutdownTimeout
         self.shuttingDown = False
+        #: The connections' log lines, emitted at the end of each reactor turn.
+        self.lines = TurnLog(reactor)
         self.factory = ChatServerFactory(self)
         self.history = (
             History(history, historyAge, historyBytes, clock=reactor.seconds) if history else None
@@ -188,6 +191,8 @@ class ChatServer(service.MultiService):
         chat = DispatchFactory(
             self.factory, self.site, reactor, hosts=self.hosts, fastWrite=fastWrite
         )
+        # Members written through the dispatcher's writers share a busy turn's frames.
+        self.room.turns = chat.turns
         for description in listen:
             self.endpoints.append(self._listen(description, chat))
         self.metricsEndpoint: LoggingEndpoint | None = None
@@ -277,6 +282,7 @@ class ChatServer(service.MultiService):
         """
 
         def closeClients(_: object) -> Deferred[None]:
+            self.lines.flush()
             self._log.info(
                 "Stopped listening; closing {connections} (1001 going away), "
                 "waiting up to {timeout} s",
@@ -285,4 +291,13 @@ class ChatServer(service.MultiService):
             )
             return self.shutDown()
 
-        return maybeDeferred(super().stopService).addCallback(closeClients)
+        def flushLines(result: object) -> object:
+            self.lines.flush()
+            return result
+
+        return maybeDeferred(super().stopService).addCallback(closeClients).addBoth(flushLines)
+
+    def startService(self) -> None:
+        super().startService()
+        # Lines of the last turns before the reactor stops (it runs no more turns after).
+        self.reactor.addSystemEventTrigger("after", "shutdown", self.lines.flush)

@@ -192,8 +192,10 @@ class MemoryRoom:
 
     def flush(self) -> None:
         # A frame received can cause frames sent (a broadcast, a close reply): pump until quiet.
+        # Then end the turn: what waits for it (the connections' log lines) happens.
         while any(pump.pump() for pump in self.pumps):
             pass
+        self.clock.advance(0)
 
 
 async def closeAll(clients: Sequence[QueueClientProtocol]) -> None:

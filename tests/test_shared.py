@@ -1,0 +1,327 @@
+"""
+A busy turn's frames, kept once per format and sent to every member as one shared buffer
+(``SharedFrames``): who gets what, in which order, and what stays on the one-by-one path.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+from typing import Any
+
+import pytest_twisted
+from autobahn.twisted.websocket import connectWS
+from autobahn.websocket.compress import (
+    PerMessageDeflateOffer,
+    PerMessageDeflateResponse,
+    PerMessageDeflateResponseAccept,
+)
+from autobahn.websocket.protocol import WebSocketProtocol
+from tlsfiles import makeTLSFiles
+from twisted.internet import defer, ssl, tcp
+from twisted.internet.testing import MemoryReactorClock
+
+from wschat import fastwrite
+from wschat.limits import Limits
+from wschat.protocol import ChatServerProtocol
+from wschat.server import ChatServer
+from wschat.testing import QueueClientFactory, QueueClientProtocol, connect
+from wschat.wire import Format, Message
+
+
+class RecordingSocket:
+    """Takes every byte at once and keeps what each ``send`` was handed."""
+
+    def __init__(self) -> None:
+        self.sends: list[Any] = []
+
+    def send(self, data: Any) -> int:
+        self.sends.append(data)
+        return len(data)
+
+    def received(self) -> bytes:
+        return b"".join(bytes(d) for d in self.sends)
+
+
+def stubTransport() -> Any:
+    """A plain TCP transport, as the writer sees it, with nothing queued."""
+    t: Any = object.__new__(tcp.Server)
+    t.dataBuffer = b""
+    t._tempDataBuffer = []
+    t._tempDataLen = 0
+    t.TLS = False
+    t.disconnecting = False
+    t._writeDisconnected = False
+    t.connected = True
+    t.socket = RecordingSocket()
+    t.producer = None
+    return t
+
+
+class Room:
+    """A ChatServer's room on a fake clock, its members on recording sockets."""
+
+    def __init__(self, **options: Any) -> None:
+        self.clock = MemoryReactorClock()
+        self.server = ChatServer(fmt=Format.RAW, welcome="", reactor=self.clock, **options)
+        self.turns = fastwrite.Turns(self.clock)
+        self.server.room.turns = self.turns
+        self.count = 0
+
+    def member(self) -> ChatServerProtocol:
+        p: ChatServerProtocol = self.server.factory.buildProtocol(None)
+        p.transport = fastwrite.wrap(stubTransport(), self.turns)
+        p._connectionMade()  # Autobahn's connection state, without a handshake
+        p.closeHandshakeTimeout = 0  # no timer on the global reactor for a closed member
+        p.state = WebSocketProtocol.STATE_OPEN
+        p._plainFrames = True
+        p._maxQueue = self.server.limits.maxQueue
+        self.server.room.join(p, Format.RAW, writer=p.transport)
+        return p
+
+    def broadcast(self, text: bytes) -> bytes:
+        """Relay ``text``; its frame's bytes."""
+        self.server.room.broadcast(Message("127.0.0.1:1", text, False))
+        return bytes(self.server.factory.prepareMessage(text, False).payloadHybi)
+
+    def busy(self) -> None:
+        self.turns.busy = True
+
+    def endTurn(self) -> None:
+        self.clock.advance(0)
+
+
+def sock(p: ChatServerProtocol) -> RecordingSocket:
+    return p.transport.transport.socket  # type: ignore[union-attr]
+
+
+def test_a_busy_turn_sends_one_shared_buffer_to_every_member():
+    """
+    In a busy turn every member gets the turn's frames in one send: the same bytes object
+    for all of them, nothing before the turn's end.
+    """
+    room = Room()
+    members = [room.member() for _ in range(3)]
+    room.busy()
+    frames = [room.broadcast(b"m%d" % k) for k in range(3)]
+    assert all(sock(p).sends == [] for p in members)
+    room.endTurn()
+    sent = [sock(p).sends for p in members]
+    assert all(len(s) == 1 for s in sent)
+    assert sent[0][0] == b"".join(frames)
+    assert sent[1][0] is sent[0][0] and sent[2][0] is sent[0][0]
+    # Two frames in the turn: the next one is busy too.
+    assert room.turns.busy
+
+
+def test_a_member_joining_mid_turn_gets_only_the_frames_after_it_joined():
+    """A member that joined during a busy turn gets a slice: nothing from before it joined."""
+    room = Room()
+    old = room.member()
+    room.busy()
+    before = room.broadcast(b"before")
+    new = room.member()
+    after = room.broadcast(b"after")
+    room.endTurn()
+    assert sock(old).received() == before + after
+    [slice_] = sock(new).sends
+    assert isinstance(slice_, memoryview)
+    assert bytes(slice_) == after
+
+
+def test_a_member_leaving_mid_turn_gets_nothing_after_it_left():
+    """A member that left during a busy turn gets the frames before, none after."""
+    room = Room()
+    stays, leaves = room.member(), room.member()
+    room.busy()
+    first = room.broadcast(b"first")
+    room.server.room.leave(leaves)
+    second = room.broadcast(b"second")
+    room.endTurn()
+    assert sock(leaves).received() == first
+    assert sock(stays).received() == first + second
+    assert leaves.transport.shared is None  # type: ignore[union-attr]
+
+
+def test_a_write_during_the_turn_keeps_its_place():
+    """
+    Anything else written to a member during a busy turn (a notice, a pong, a close) comes
+    after the frames broadcast before it and before those broadcast after it.
+    """
+    room = Room()
+    writer, other = room.member(), room.member()
+    room.busy()
+    first = room.broadcast(b"first")
+    writer.sendMessage(b"own")
+    own = bytes(room.server.factory.prepareMessage(b"own", False).payloadHybi)
+    second = room.broadcast(b"second")
+    room.endTurn()
+    assert sock(writer).received() == first + own + second
+    assert sock(other).sends == [first + second]
+
+
+def test_a_member_paused_mid_turn_gets_the_frames_one_by_one_and_counted():
+    """
+    A member whose transport paused it during the turn gets the frames through deliver,
+    counted against --max-queue, while the others still get one shared send.
+    """
+    room = Room()
+    slow, fast = room.member(), room.member()
+    room.busy()
+    frames = [room.broadcast(b"a" * 10)]
+    slow.pauseProducing()
+    frames.append(room.broadcast(b"b" * 10))
+    room.endTurn()
+    assert slow._unsent == sum(len(f) for f in frames)
+    assert sock(slow).received() == b"".join(frames)
+    assert sock(fast).sends == [b"".join(frames)]
+
+
+def closingCount(busy: bool) -> tuple[int, int]:
+    """
+    A paused member under --max-queue 100 and 20 frames of 12 bytes: the bytes counted when
+    it was closed, and how many frames reached its transport, in busy or quiet turns.
+    """
+    room = Room(limits=Limits(maxQueue=100))
+    slow = room.member()
+    room.member()
+    slow.pauseProducing()
+    data = []
+    for k in range(20):
+        if busy:
+            room.busy()
+        else:
+            room.endTurn()
+        room.broadcast(b"%010d" % k)
+    room.endTurn()
+    room.endTurn()
+    data = sock(slow).received()
+    assert slow.state != WebSocketProtocol.STATE_OPEN
+    return slow._unsent, data.count(b"\x81\x0a")
+
+
+def test_max_queue_closes_at_the_same_byte_count_in_busy_turns():
+    """--max-queue closes a paused member after the same bytes whether turns are busy or not."""
+    assert closingCount(busy=True) == closingCount(busy=False)
+    unsent, frames = closingCount(busy=True)
+    assert unsent == 108 and frames == 8  # the 9th frame (12 bytes each) crosses 100
+
+
+def test_no_fast_write_room_delivers_one_by_one():
+    """Without turns (--no-fast-write) the room hands each member each frame."""
+    room = Room()
+    room.server.room.turns = None
+    p = room.server.factory.buildProtocol(None)
+    p.transport = fastwrite.wrap(stubTransport(), room.turns)
+    p.state = WebSocketProtocol.STATE_OPEN
+    p._plainFrames = True
+    room.server.room.join(p, Format.RAW, writer=p.transport)
+    room.busy()
+    frame = room.broadcast(b"x")
+    assert p.transport.shared is None
+    room.endTurn()
+    assert sock(p).received() == frame
+
+
+async def connectDeflating(url: str) -> QueueClientProtocol:
+    """A client that offers (and requires) permessage-deflate."""
+    factory = QueueClientFactory(url)
+
+    def accept(response: PerMessageDeflateResponse) -> PerMessageDeflateResponseAccept:
+        return PerMessageDeflateResponseAccept(response)
+
+    factory.setProtocolOptions(
+        perMessageCompressionOffers=[PerMessageDeflateOffer()],
+        perMessageCompressionAccept=accept,
+    )
+    connectWS(factory)
+    client: QueueClientProtocol = await factory.opened
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_mixed_room_gets_every_message_in_one_order(daemon, tmp_path):
+    """
+    Plain, JSON, TLS and compressed clients in one room, messages sent in bursts (busy turns):
+    every client gets every message, all in the same order.
+    """
+    files = makeTLSFiles(tmp_path)
+    service, url = daemon(
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--listen",
+        files.listen(),
+        "--compression",
+        "--format",
+        "raw",
+        "--welcome",
+        "",
+    )
+    tlsPort = service.endpoints[1].port.getHost().port
+    trust = ssl.optionsForClientTLS(
+        "127.0.0.1", trustRoot=ssl.Certificate.loadPEM(files.ca.read_bytes())
+    )
+    plain = [await connect(url) for _ in range(3)]
+    json = await connect(url, protocols=["wschat.json"])
+    secure = await connect(f"wss://127.0.0.1:{tlsPort}", contextFactory=trust)
+    deflating = await connectDeflating(url)
+    assert deflating.websocket_extensions_in_use
+    members = list(service.room)
+    shared = [m for m in members if getattr(m.transport, "shared", None) is not None]
+    # The plain clients and the JSON one (a buffer of its own); TLS and deflate one by one.
+    assert len(shared) == 4
+    await json.nextText()  # its welcome
+    senders = [plain[0], plain[1]]
+    sent = []
+    for burst in range(10):
+        for k in range(20):
+            sender = senders[k % 2]
+            text = f"{burst}-{k}"
+            sender.sendText(text)
+            sent.append(text)
+    everyone = [*plain, secure, deflating]
+    got = [await c.texts(len(sent)) for c in everyone]
+    jsonGot: list[str] = []
+    while len(jsonGot) < len(sent):
+        obj = jsonlib.loads(await json.nextText())
+        if obj["type"] == "message":  # not the others' presence
+            jsonGot.append(obj["text"])
+    # Each sender's messages in its order, and one order for all.
+    for order in [*got, jsonGot]:
+        assert order == got[0]
+        for sender in range(2):
+            mine = [t for t in order if int(t.split("-")[1]) % 2 == sender]
+            assert mine == [t for t in sent if int(t.split("-")[1]) % 2 == sender]
+    assert sorted(got[0]) == sorted(sent)
+    for c in [*everyone, json]:
+        c.sendClose(1000)
+    await defer.gatherResults([c.closed for c in [*everyone, json]])
+
+
+def test_a_replay_that_goes_live_mid_turn_gets_each_message_once():
+    """
+    A member replaying history that reaches the head during a busy turn gets the turn's
+    earlier messages from the replay and the later ones from the shared buffer: each once.
+    """
+    room = Room()
+    other = room.member()
+    history = room.server.history
+    assert history is not None
+    before = room.broadcast(b"before")
+    room.endTurn()
+    room.busy()
+    during = room.broadcast(b"during")
+    p: ChatServerProtocol = room.server.factory.buildProtocol(None)
+    p.transport = fastwrite.wrap(stubTransport(), room.turns)
+    p._connectionMade()
+    p.closeHandshakeTimeout = 0
+    p.state = WebSocketProtocol.STATE_OPEN
+    p._plainFrames = True
+    p._replayBudget = 1 << 20
+    start, _ = history.start(None, 2)
+    room.server.room.join(p, Format.RAW, start, writer=p.transport)
+    room.server.room.catchUp(p)
+    assert not room.server.room.replaying(p)
+    after = room.broadcast(b"after")
+    room.endTurn()
+    assert sock(p).received() == before + during + after
+    assert sock(other).received() == before + during + after
