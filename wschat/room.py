@@ -283,42 +283,29 @@ class Room:
         one the bus assigned, or (None) the next of the room's own numbering.
         """
         history = self.history
+        stamp = self._now() if when is None else when
+        entry = None
         if history is not None:
-            self._relayWithPosition(history, message, when, position)
-            return
+            if position is None:
+                entry = history.appendNext(message, stamp)
+            else:
+                entry = history.append(position, message, stamp)
         frames = size = 0
         # Snapshots: a delivery may make a member leave (a slow reader dropped).
         for fmt, group in tuple(self._groups.items()):
             if fmt is Format.JSON:
-                stamp = self._now() if when is None else when
-                payload, isBinary = jsonMessage(message, stamp), False
-            else:
-                payload, isBinary = relayPayload(fmt, message), message.isBinary
-            frame = self._prepare(payload, isBinary)
-            count = self._deliver(fmt, group, frame)
-            frames += count
-            size += count * len(payload)
-        self.metrics.messageBroadcast(frames, size)
-
-    def _relayWithPosition(
-        self, history: History, message: Message, when: float | None, position: Position | None
-    ) -> None:
-        stamp = self._now() if when is None else when
-        if position is None:
-            entry = history.appendNext(message, stamp)
-        else:
-            entry = history.append(position, message, stamp)
-        frames = size = 0
-        for fmt, group in tuple(self._groups.items()):
-            if fmt is Format.JSON:
-                payload = jsonMessage(message, stamp, history.epoch, entry.seq)
+                if history is None or entry is None:
+                    payload = jsonMessage(message, stamp)
+                else:
+                    payload = jsonMessage(message, stamp, history.epoch, entry.seq)
                 frame = self._prepare(payload, False)
-                history.cacheFrame(entry, frame, True, evict=True)
             else:
                 payload = relayPayload(fmt, message)
                 frame = self._prepare(payload, message.isBinary)
-                if fmt is self.format:
-                    history.cacheFrame(entry, frame, False, evict=True)
+            if history is not None and entry is not None:
+                # Replays reuse the frames: the JSON one, and the room's own plain format.
+                if fmt is Format.JSON or fmt is self.format:
+                    history.cacheFrame(entry, frame, fmt is Format.JSON, evict=True)
             count = self._deliver(fmt, group, frame)
             frames += count
             size += count * len(payload)
