@@ -315,6 +315,7 @@ class FastTransport:
         "member",
         "sharedTurn",
         "sharedStart",
+        "__providedBy__",
         "__weakref__",
     )
 
@@ -335,13 +336,10 @@ class FastTransport:
         #: The turn and index from which the member still needs the shared frames.
         self.sharedTurn = -1
         self.sharedStart = 0
-
-    @property
-    def __providedBy__(self) -> Specification:
-        # Asked of the transport now, not when wrapped: TLS may have started on it since.
-        if ISSLTransport.providedBy(self.transport):
-            return _PROVIDED_WITH_TLS
-        return _PROVIDED
+        #: What this writer provides (zope.interface reads it on every ``providedBy``): an
+        #: ISSLTransport once TLS has started, which it does only through :meth:`startTLS`.
+        #: Kept, not worked out on each question: Autobahn asks several per connection.
+        self.__providedBy__ = _providedFor(transport)
 
     def __repr__(self) -> str:
         return f"<FastTransport of {self.transport!r}>"
@@ -440,6 +438,7 @@ class FastTransport:
         """Start TLS on the transport once the held writes have gone out in the clear."""
         self._leaving()
         self.transport.startTLS(contextFactory, normal)
+        self.__providedBy__ = _providedFor(self.transport)
 
     def abortConnection(self) -> None:
         """Drop the connection now; the held writes are dropped with the transport's queue."""
@@ -506,3 +505,9 @@ class FastTransport:
 
 _PROVIDED: Specification = implementedBy(FastTransport)
 _PROVIDED_WITH_TLS: Specification = Provides(FastTransport, ISSLTransport)
+
+
+def _providedFor(transport: Any) -> Specification:
+    """What a writer of ``transport`` provides: its own interfaces, and ISSLTransport if
+    the transport is one (TLS has started on it)."""
+    return _PROVIDED_WITH_TLS if ISSLTransport.providedBy(transport) else _PROVIDED
