@@ -3,7 +3,8 @@ One port, two protocols: each connection goes to the room's WebSocket protocol o
 site (page, health, metrics), by the head of its first request.
 
 Every byte read so far goes along with the connection, so nothing a client sends right behind
-its handshake is lost, and a WebSocket handshake is parsed once, by Autobahn. (Twisted web's
+its handshake is lost, and a WebSocket handshake is parsed once: a plain one is answered from
+the head parsed here (:func:`wschat.lean.openHandshake`), any other by Autobahn. (Twisted web's
 ``WebSocketResource`` route parses it twice, drops bytes that follow the head, and leaves an
 HTTP channel behind for every WebSocket connection.)
 
@@ -31,6 +32,7 @@ included, takes the fast path.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Literal
 
 from twisted.internet.interfaces import (
     IAddress,
@@ -45,7 +47,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from wschat import fastwrite
+from wschat import fastwrite, lean
 from wschat.handshake import HostPolicy
 from wschat.limits import MAX_REQUEST_HEAD
 
@@ -96,6 +98,14 @@ def headerFields(head: bytes) -> dict[bytes, list[bytes]] | None:
         values = fields.setdefault(name.lower(), [])
         values.append(value.strip(b" \t"))
     return fields
+
+
+def upgradeAsked(fields: dict[bytes, list[bytes]]) -> bool:
+    """Whether a request's header ``fields`` (see :func:`headerFields`) ask for WebSocket."""
+    for value in fields.get(b"upgrade", ()):
+        if any(token.strip() == b"websocket" for token in value.lower().split(b",")):
+            return True
+    return False
 
 
 def isWebSocketUpgrade(head: bytes) -> bool:
@@ -230,7 +240,8 @@ class Dispatcher(Protocol):
         opens a WebSocket. True if the web site took the head, and the dispatcher reads on.
         """
         assert self.transport is not None
-        refusal = self.factory.check(head[:-4], self.transport.getHost())
+        fields = headerFields(head[:-4])
+        refusal = self.factory.check(head[:-4], self.transport.getHost(), fields)
         if refusal is not None:
             self._refuse(refusal)
             return False
@@ -238,7 +249,7 @@ class Dispatcher(Protocol):
             self._site.dataReceived(head)
             return True
         websocket = self.factory.websocket
-        upgrade = websocket is not None and isWebSocketUpgrade(head[:-4])
+        upgrade = websocket is not None and fields is not None and upgradeAsked(fields)
         target = websocket if upgrade and websocket is not None else self.factory.site
         inner = target.buildProtocol(self._addr)
         if inner is None:
@@ -255,7 +266,10 @@ class Dispatcher(Protocol):
             if turns is not None:
                 transport = fastwrite.wrap(transport, turns)
             inner.makeConnection(transport)
-            inner.dataReceived(head + rest)
+            assert fields is not None
+            if not lean.openHandshake(inner, head, fields, rest):
+                # Autobahn's own handshake, for anything but a plain request: see wschat.lean.
+                inner.dataReceived(head + rest)
             return False
         self._site = inner
         inner.makeConnection(self.transport)
@@ -367,12 +381,19 @@ class DispatchFactory(ServerFactory):
         """A counted connection has closed."""
         self.connections -= 1
 
-    def check(self, head: bytes, local: IAddress) -> bytes | None:
+    def check(
+        self,
+        head: bytes,
+        local: IAddress,
+        fields: dict[bytes, list[bytes]] | None | Literal[False] = False,
+    ) -> bytes | None:
         """
         The error response for a request ``head`` (request line and header fields) that may
-        not be served on a connection that arrived at ``local``; None if it may.
+        not be served on a connection that arrived at ``local``; None if it may. ``fields``
+        are the head's :func:`headerFields`, when the caller has them already.
         """
-        fields = headerFields(head)
+        if fields is False:
+            fields = headerFields(head)
         if fields is None:
             return httpError(400, "Bad Request", "a header line is not a header field")
         if b"transfer-encoding" in fields or any(

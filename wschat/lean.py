@@ -19,14 +19,36 @@ Autobahn's copies.
 Once a connection is open, :func:`trimOpenConnection` lets go of what Autobahn keeps from the
 handshake (request and response text, headers) and of its empty send queue's first block:
 about a quarter of an idle connection's memory.
+
+The opening handshake
+    :func:`openHandshake` answers the common WebSocket handshake itself, from the request
+    head the dispatcher has already parsed, and puts the Autobahn protocol into the open state
+    as Autobahn's ``processHandshake`` and ``succeedHandshake`` would: the same attributes, the
+    same ``onConnect`` request, the same 101 response bytes, the same ``onOpen``. It skips what
+    that path costs beyond the answer: parsing the head again, eager debug-log arguments, and
+    the Deferred round trip around ``onConnect``. It takes only a plain request (GET,
+    HTTP/1.1, version 13, one valid key, one Host, CRLF line ends, no extension offer, an
+    origin Autobahn would allow, a protocol whose ``onConnect`` answers at once): anything
+    else, and every request on an Autobahn version these rules were not checked against
+    (:data:`PINNED`), goes through Autobahn's own handshake, so its errors and statuses are
+    Autobahn's.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import operator
+import re
 import types
 from collections import deque
 from typing import Any
+from urllib import parse
+
+import autobahn
+import txaio
+from autobahn.websocket import protocol as _ab
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 
 _MISSING = object()
 
@@ -107,3 +129,226 @@ def trimOpenConnection(protocol: Any) -> None:
             setattr(protocol, name, None)
     if "http_headers" in protocol.__dict__:
         protocol.http_headers = _NO_HEADERS
+
+
+#: The Autobahn versions whose handshake :func:`openHandshake` reproduces (tests/test_lean.py
+#: compares the two). On any other version every handshake goes through Autobahn.
+PINNED = frozenset({"26.10.2"})
+
+#: What the lean handshake needs of Autobahn's protocol module.
+_NEEDED = ("_url_to_origin", "_is_same_origin", "WebSocketProtocol", "WebSocketServerProtocol")
+
+#: Whether this Autobahn is one :func:`openHandshake` may stand in for.
+ENABLED = autobahn.__version__ in PINNED and all(hasattr(_ab, name) for name in _NEEDED)
+
+_CONNECTING = _ab.WebSocketProtocol.STATE_CONNECTING
+_OPEN = _ab.WebSocketProtocol.STATE_OPEN
+_WS_MAGIC = _ab.WebSocketProtocol._WS_MAGIC if ENABLED else b""
+
+#: Anything Autobahn's head parser (``str.splitlines`` of the Latin-1 text) would split on
+#: other than CRLF, and folded lines: Autobahn parses such heads its own way, so they go to it.
+_UNUSUAL_LINES = re.compile(rb"[\x0b\x0c\x1c-\x1e\x85]|\r(?!\n)|(?<!\r)\n|\r\n[ \t]")
+
+_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/")
+
+#: Request headers that, present at all, send the request to Autobahn's handshake.
+_TO_AUTOBAHN = (b"sec-websocket-extensions",)
+
+#: Request headers the lean handshake reads, each of which may appear once only.
+_ONCE = (b"host", b"sec-websocket-version", b"sec-websocket-key", b"origin")
+
+
+def _single(fields: dict[bytes, list[bytes]], name: bytes) -> str | None:
+    values = fields.get(name)
+    return values[0].decode("latin-1").strip() if values else None
+
+
+def openHandshake(
+    protocol: Any, head: bytes, fields: dict[bytes, list[bytes]], rest: bytes = b""
+) -> bool:
+    """
+    Answer the WebSocket handshake ``head`` (request line, headers and the empty line) of
+    ``protocol`` (connected, not yet fed any byte), whose header ``fields`` the dispatcher
+    parsed, and once open hand it ``rest`` (what the client sent behind its head); True if it
+    did (the connection is open, or ``onConnect`` refused it), False if the request is for
+    Autobahn's handshake (``protocol`` is untouched).
+
+    Only for a protocol class that says its ``onConnect`` answers at once and never with a
+    Deferred (``leanHandshake = True``).
+    """
+    if not ENABLED or not getattr(protocol, "leanHandshake", False):
+        return False
+    factory = protocol.factory
+    if (
+        protocol.state != _CONNECTING
+        or protocol.data
+        or protocol.trustXForwardedFor
+        or protocol.logOctets
+        or protocol.trackedTimings is not None
+        or protocol.send_queue
+        or (protocol.maxConnections > 0 and factory.countConnections > protocol.maxConnections)
+        or _UNUSUAL_LINES.search(head) is not None
+    ):
+        return False
+    for name in _TO_AUTOBAHN:
+        if name in fields:
+            return False
+    for name in _ONCE:
+        if len(fields.get(name, ())) > 1:
+            return False
+    # The request line, as Autobahn splits it.
+    line = head[: head.find(b"\r\n")].decode("latin-1").strip()
+    rl = line.split()
+    if len(rl) != 3 or rl[0] != "GET" or rl[2] != "HTTP/1.1":
+        return False
+    uri = rl[1]
+    # A plain path (and query): what urlparse splits into path and query alone.
+    if uri[:1] != "/" or uri[:2] == "//" or "#" in uri or ";" in uri:
+        return False
+    path, _, query = uri.partition("?")
+    # Headers as Autobahn's parser makes them: Latin-1 text, stripped, repeated ones joined.
+    headers: dict[str, str] = {}
+    for name, values in fields.items():
+        if not name.isascii():
+            return False
+        text = [v.decode("latin-1").strip() for v in values]
+        headers[name.decode("ascii")] = text[0] if len(text) == 1 else ", ".join(text)
+    # Host: present; a port, if any, a number (and the external port, if the factory has one).
+    host = headers.get("host")
+    if host is None:
+        return False
+    if ":" in host and not host.endswith("]"):
+        host, port = host.rsplit(":", 1)
+        try:
+            portNumber = int(port.strip())
+        except ValueError:
+            return False
+        if factory.externalPort and portNumber != factory.externalPort:
+            return False
+    upgrade = headers.get("upgrade", "")
+    if not any(u.strip().lower() == "websocket" for u in upgrade.split(",")):
+        return False
+    connection = headers.get("connection", "")
+    if not any(c.strip().lower() == "upgrade" for c in connection.split(",")):
+        return False
+    version = headers.get("sec-websocket-version")
+    if version is None or version.strip() != "13" or 13 not in protocol.versions:
+        return False
+    protocols: list[str] = []
+    if "sec-websocket-protocol" in headers:
+        protocols = [str(x.strip()) for x in headers["sec-websocket-protocol"].split(",")]
+        if len(set(protocols)) != len(protocols):
+            return False
+    origin = headers.get("origin", "")
+    if "origin" in headers:
+        try:
+            originTuple = _ab._url_to_origin(origin)
+        except ValueError:
+            return False
+        if not (
+            (originTuple == "null" and factory.allowNullOrigin)
+            or _ab._is_same_origin(
+                originTuple,
+                "https" if factory.isSecure else "http",
+                factory.externalPort or factory.port,
+                protocol.allowedOriginsPatterns,
+            )
+        ):
+            return False
+    key = headers.get("sec-websocket-key")
+    if key is None or len(key) != 24 or key[-2:] != "==" or not _KEY_CHARS.issuperset(key[:-2]):
+        return False
+
+    # What processHandshake keeps, in its order.
+    protocol.trafficStats.preopenIncomingOctetsWireLevel += len(head)
+    protocol.http_request_data = head
+    protocol.http_status_line = line
+    protocol.http_headers = headers
+    protocol.http_request_uri = uri
+    protocol.http_request_path = path
+    protocol.http_request_params = parse.parse_qs(query) if query else {}
+    protocol.http_request_host = host
+    protocol.websocket_version = 13
+    protocol.websocket_protocols = protocols
+    protocol.websocket_origin = origin
+    protocol.websocket_extensions = []
+    protocol._wskey = key
+    request = ConnectionRequest(
+        protocol.peer, headers, host, path, protocol.http_request_params, 13, origin, protocols, []
+    )
+    try:
+        answer = protocol.onConnect(request)
+    except ConnectionDeny as e:
+        protocol.failHandshake(e.reason, e.code)
+        return True
+    except Exception:
+        # As Autobahn answers an onConnect that failed.
+        err = txaio.create_failure()
+        protocol.log.warn("Unexpected exception in onConnect ['{err.value}']", err=err)
+        protocol.log.warn("{tb}", tb=txaio.failure_format_traceback(err))
+        protocol.failHandshake(
+            f"Internal server error: {err.value}", ConnectionDeny.INTERNAL_SERVER_ERROR
+        )
+        return True
+    _succeed(protocol, answer)
+    factory.leanHandshakes = getattr(factory, "leanHandshakes", 0) + 1
+    if rest and protocol.state == _OPEN:
+        # Frames sent right behind the head: read as any later ones (Autobahn parses them
+        # within its handshake, uncounted by a protocol's own dataReceived).
+        protocol.dataReceived(rest)
+    return True
+
+
+def _succeed(protocol: Any, answer: Any) -> None:
+    """What Autobahn's ``succeedHandshake`` does when no extension was offered."""
+    subprotocol = None
+    extra: dict[str, Any] = {}
+    if type(answer) is tuple:
+        if len(answer) > 0:
+            subprotocol = answer[0]
+        if len(answer) > 1:
+            extra = answer[1]
+    else:
+        subprotocol = answer
+    if subprotocol is not None and subprotocol not in protocol.websocket_protocols:
+        raise Exception("protocol accepted must be from the list client sent or None")
+    protocol.websocket_protocol_in_use = subprotocol
+    protocol.websocket_extensions_in_use = []
+    factory = protocol.factory
+    response = "HTTP/1.1 101 Switching Protocols\r\n"
+    if factory.server:
+        response += f"Server: {factory.server}\r\n"
+    response += "Upgrade: WebSocket\r\nConnection: Upgrade\r\n"
+    for source in (factory.headers.items(), extra.items()):
+        for name, value in source:
+            if isinstance(value, str):
+                values: Any = [value]
+            else:
+                try:
+                    values = iter(value)
+                except TypeError:
+                    values = [value]
+            for v in values:
+                response += f"{name}: {v}\r\n"
+    if subprotocol is not None:
+        response += f"Sec-WebSocket-Protocol: {subprotocol}\r\n"
+    accept = base64.b64encode(hashlib.sha1(protocol._wskey.encode() + _WS_MAGIC).digest())
+    response += f"Sec-WebSocket-Accept: {accept.decode()}\r\n\r\n"
+    data = response.encode("utf8")
+    # sendData with nothing queued (checked above) and no octet logging: one write.
+    protocol.transport.write(data)
+    protocol.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
+    protocol.http_response_data = response
+    protocol.state = _OPEN
+    call = protocol.openHandshakeTimeoutCall
+    if call is not None:
+        call.cancel()
+        protocol.openHandshakeTimeoutCall = None
+    protocol.inside_message = False
+    protocol.current_frame = None
+    if protocol.autoPingInterval:
+        protocol.autoPingPendingCall = factory._batched_timer.call_later(
+            protocol.autoPingInterval, protocol._sendAutoPing
+        )
+    protocol._onOpen()
+    txaio.resolve(protocol.is_open, None)

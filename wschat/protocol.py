@@ -84,6 +84,9 @@ class ChatServerProtocol(WebSocketServerProtocol):
 
     _log = Logger()
     factory: ChatServerFactory
+    #: Its onConnect answers at once, never with a Deferred: a plain handshake may be
+    #: answered without Autobahn's handshake machinery (wschat.lean.openHandshake).
+    leanHandshake = True
     address = ""
     #: What this connection receives: the room's format, or JSON if it asked for it.
     format = Format.PREFIXED
@@ -672,6 +675,8 @@ class ChatServerFactory(WebSocketServerFactory):
 
     protocol = ChatServerProtocol  # type: ignore[assignment]
     noisy = False  # no "Starting factory" line at start
+    #: Handshakes answered by wschat.lean.openHandshake rather than Autobahn's.
+    leanHandshakes = 0
 
     def __init__(self, chatServer: ChatServer, **kwargs: Any) -> None:
         kwargs.setdefault("server", "wschat")
