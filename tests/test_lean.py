@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
-from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketServerProtocol, connectWS
 from autobahn.websocket import protocol as autobahn_protocol
-from twisted.internet.testing import MemoryReactorClock
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponseAccept
+from autobahn.websocket.protocol import WebSocketProtocol
+from rawws import rawExchange
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from txaio.testutil import replace_loop
 
 from wschat import lean
+from wschat.dispatch import headerFields
+from wschat.history import Position
 from wschat.protocol import ChatServerProtocol
 from wschat.server import ChatServer
-from wschat.testing import connect
+from wschat.testing import QueueClientFactory, connect
+from wschat.wire import Format
 
 
 def test_factory_options_become_class_attributes():
@@ -135,3 +144,246 @@ def test_send_queue_works_as_autobahn_uses_it():
     assert queue.popleft() == (b"a", True)
     assert queue.popleft() == (b"b", False)
     assert len(queue) == 0
+
+
+# -- the lean opening handshake (wschat.lean.openHandshake)
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+def head(*lines: str, target: str = "/", key: str = KEY, version: str = "13") -> bytes:
+    """A client's opening handshake head for ``target``, with extra header ``lines``."""
+    return (
+        "\r\n".join(
+            [
+                f"GET {target} HTTP/1.1",
+                "Host: 127.0.0.1:2000",
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                f"Sec-WebSocket-Key: {key}",
+                f"Sec-WebSocket-Version: {version}",
+                *lines,
+            ]
+        )
+        + "\r\n\r\n"
+    ).encode("latin-1")
+
+
+def daemonOn(clock, **options):
+    """A daemon's server object on ``clock`` (with history, unless ``options`` say)."""
+    return ChatServer(reactor=clock, **{"history": 100, **options})
+
+
+def connection(server):
+    """A connected protocol of ``server`` and its in-memory transport."""
+    protocol = server.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+    # As the dispatcher does: the head is all here, Autobahn's handshake timer is not needed.
+    protocol.openHandshakeTimeout = 0
+    transport = StringTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 2000),
+        peerAddress=IPv4Address("TCP", "127.0.0.1", 50000),
+    )
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def openBoth(request: bytes, **options):
+    """
+    The same request to one daemon answered the lean way and by Autobahn:
+    (protocol, response) each.
+    """
+    clock = MemoryReactorClock()
+    with replace_loop(clock):
+        server = daemonOn(clock, **options)
+        leanProtocol, leanTransport = connection(server)
+        fields = headerFields(request[:-4])
+        assert fields is not None
+        assert lean.openHandshake(leanProtocol, request, fields)
+        assert server.factory.leanHandshakes == 1
+        abProtocol, abTransport = connection(server)
+        abProtocol.dataReceived(request)
+        assert server.factory.leanHandshakes == 1
+        clock.advance(0)
+    return (leanProtocol, leanTransport.value()), (abProtocol, abTransport.value())
+
+
+def same(a, b, depth=0):
+    """
+    Whether two attribute values of two connections are alike: equal, or per-connection
+    objects (Deferreds in the same state; other objects of one type, with alike attributes).
+    """
+    if a is b:
+        return True
+    if isinstance(a, Deferred) and isinstance(b, Deferred):
+        return a.called == b.called
+    if type(a) is not type(b):
+        return False
+    try:
+        if a == b:
+            return True
+    except RecursionError:
+        pass
+    if depth > 2:
+        return False
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same(x, y, depth + 1) for x, y in zip(a, b, strict=True))
+    slots = getattr(type(a), "__slots__", None)
+    if slots is not None and not hasattr(a, "__dict__"):
+        return all(same(getattr(a, k, None), getattr(b, k, None), depth + 1) for k in slots)
+    if hasattr(a, "__dict__"):
+        va, vb = vars(a), vars(b)
+        return va.keys() == vb.keys() and all(same(va[k], vb[k], depth + 1) for k in va)
+    return False
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        head(),
+        head("Sec-WebSocket-Protocol: wschat.json"),
+        head("Sec-WebSocket-Protocol: other, wschat.json"),
+        head(target="/?since=abc:7"),
+        head(target="/chat?history=5"),
+        head("Origin: http://127.0.0.1:2000", "User-Agent: test"),
+        head("X-Forwarded-For: 203.0.113.7"),
+    ],
+)
+def test_lean_handshake_opens_the_connection_autobahn_would(request_):
+    """
+    Pins Autobahn: a plain handshake answered the lean way leaves the protocol as Autobahn's
+    processHandshake and succeedHandshake do (every attribute), with the same 101 bytes.
+    """
+    (leanProtocol, leanResponse), (abProtocol, abResponse) = openBoth(request_)
+    assert leanResponse.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    # The 101 response, byte for byte (the welcome behind it counts the members).
+    assert leanResponse.partition(b"\r\n\r\n")[0] == abResponse.partition(b"\r\n\r\n")[0]
+    assert leanProtocol.state == abProtocol.state == WebSocketProtocol.STATE_OPEN
+    leanVars, abVars = vars(leanProtocol), vars(abProtocol)
+    assert leanVars.keys() == abVars.keys()
+    # Each connection has its own transport, and its own UTF-8 validator (C state, made
+    # before the handshake): alike in type only.
+    different = {name for name in leanVars if not same(leanVars[name], abVars[name])}
+    assert different == {"transport", "utf8validator"}
+    for name in different:
+        assert type(leanVars[name]) is type(abVars[name])
+
+
+def test_lean_handshake_negotiates_the_json_subprotocol():
+    """The JSON subprotocol, when offered, is chosen and answered as Autobahn answers it."""
+    (protocol, response), _ = openBoth(head("Sec-WebSocket-Protocol: other, wschat.json"))
+    assert b"\r\nSec-WebSocket-Protocol: wschat.json\r\n" in response
+    assert b"\r\nX-WSChat-Max-Message-Size: " in response
+    assert protocol.format is Format.JSON and protocol.websocket_protocol_in_use == "wschat.json"
+
+
+def test_lean_handshake_reads_the_since_query():
+    """A ?since= query is read as through Autobahn: the protocol recovers from there."""
+    (protocol, _), _ = openBoth(head(target="/?since=abc:7"))
+    assert protocol._since == Position("abc", 7)
+    assert protocol.http_request_params == {"since": ["abc:7"]}
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        head("Sec-WebSocket-Extensions: permessage-deflate"),
+        head(version="8"),
+        head(version="12"),
+        head(key="short=="),
+        head(key="dGhlIHNhbXBsZSBub25jZQ!="),
+        head("Sec-WebSocket-Protocol: a, a"),
+        head("Sec-WebSocket-Key: " + KEY),
+        head(target="/#fragment"),
+        head(target="/path;params"),
+        head(target="http://127.0.0.1:2000/"),
+        head("Origin: not an origin"),
+        head("X-Folded: a\r\n b"),
+        head().replace(b"GET", b"POST"),
+        head().replace(b"HTTP/1.1", b"HTTP/1.0"),
+        head().replace(b"Host: 127.0.0.1:2000\r\n", b""),
+        head().replace(b"Connection: Upgrade", b"Connection: keep-alive"),
+    ],
+)
+def test_other_requests_go_to_autobahn(request_):
+    """Anything but a plain handshake is left to Autobahn, with the protocol untouched."""
+    clock = MemoryReactorClock()
+    with replace_loop(clock):
+        server = daemonOn(clock)
+        protocol, transport = connection(server)
+        before = dict(vars(protocol))
+        fields = headerFields(request_[:-4])
+        assert fields is not None
+        assert not lean.openHandshake(protocol, request_, fields)
+        assert vars(protocol) == before and transport.value() == b""
+        assert server.factory.leanHandshakes == 0
+
+
+def test_a_refused_lean_handshake_gets_autobahns_answer():
+    """onConnect's refusal (here: history asked for with history off) answers as Autobahn."""
+    request = head(target="/?since=abc:7")
+    answers = []
+    clock = MemoryReactorClock()
+    with replace_loop(clock):
+        for viaLean in (True, False):
+            server = daemonOn(clock, history=0)
+            protocol, transport = connection(server)
+            if viaLean:
+                assert lean.openHandshake(protocol, request, headerFields(request[:-4]))
+            else:
+                protocol.dataReceived(request)
+            answers.append((transport.value(), protocol.state, len(server.room)))
+    assert answers[0] == answers[1]
+    assert answers[0][0].startswith(b"HTTP/1.1 400 history is off\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_plain_upgrade_takes_the_lean_path(daemon):
+    """Over TCP, a plain handshake is answered the lean way, and the connection relays."""
+    service, url = daemon("--format", "raw", "--welcome", "")
+    client = await connect(url)
+    try:
+        assert service.factory.leanHandshakes == 1
+        client.sendText("lean")
+        assert await client.nextText() == "lean"
+    finally:
+        client.sendClose(1000)
+        await client.closed
+
+
+@pytest.mark.parametrize("request_", [head(version="12"), head(key="short==")])
+@pytest_twisted.ensureDeferred
+async def test_fallbacks_get_autobahns_exact_answer(daemon, request_):
+    """
+    Over TCP, a bad version or key goes through Autobahn's handshake: the daemon's answer is
+    Autobahn's error response, byte for byte.
+    """
+    service, url = daemon("--welcome", "")
+    answer = await rawExchange(url, request_)
+    clock = MemoryReactorClock()
+    with replace_loop(clock):
+        protocol, transport = connection(daemonOn(clock))
+        protocol.dataReceived(request_)
+    assert answer == transport.value() and answer.startswith(b"HTTP/1.1 400 ")
+    assert service.factory.leanHandshakes == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_compression_offer_goes_through_autobahn(daemon):
+    """With compression on, a client offering permessage-deflate gets it, from Autobahn."""
+    service, url = daemon("--compression", "--format", "raw", "--welcome", "")
+    factory = QueueClientFactory(url)
+    factory.setProtocolOptions(
+        perMessageCompressionOffers=[PerMessageDeflateOffer()],
+        perMessageCompressionAccept=PerMessageDeflateResponseAccept,
+    )
+    connectWS(factory)
+    client = await factory.opened
+    try:
+        (member,) = list(service.room)
+        assert member.websocket_extensions_in_use and client.websocket_extensions_in_use
+        assert service.factory.leanHandshakes == 0
+        client.sendText("squeezed")
+        assert await client.nextText() == "squeezed"
+    finally:
+        client.sendClose(1000)
+        await client.closed
