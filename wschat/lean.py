@@ -52,6 +52,9 @@ from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 
 _MISSING = object()
 
+#: txaio's functions are set up at run time (for Twisted): typed loosely.
+_txaio: Any = txaio
+
 
 class _Made:
     """A class made for a factory, and the option values it was made with."""
@@ -283,9 +286,9 @@ def openHandshake(
         return True
     except Exception:
         # As Autobahn answers an onConnect that failed.
-        err = txaio.create_failure()
+        err = _txaio.create_failure()
         protocol.log.warn("Unexpected exception in onConnect ['{err.value}']", err=err)
-        protocol.log.warn("{tb}", tb=txaio.failure_format_traceback(err))
+        protocol.log.warn("{tb}", tb=_txaio.failure_format_traceback(err))
         protocol.failHandshake(
             f"Internal server error: {err.value}", ConnectionDeny.INTERNAL_SERVER_ERROR
         )
@@ -351,4 +354,4 @@ def _succeed(protocol: Any, answer: Any) -> None:
             protocol.autoPingInterval, protocol._sendAutoPing
         )
     protocol._onOpen()
-    txaio.resolve(protocol.is_open, None)
+    _txaio.resolve(protocol.is_open, None)
