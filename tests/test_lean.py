@@ -174,11 +174,12 @@ def daemonOn(clock, **options):
     return ChatServer(reactor=clock, **{"history": 100, **options})
 
 
-def connection(server):
+def connection(server, handshakeTimer=False):
     """A connected protocol of ``server`` and its in-memory transport."""
     protocol = server.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
-    # As the dispatcher does: the head is all here, Autobahn's handshake timer is not needed.
-    protocol.openHandshakeTimeout = 0
+    if not handshakeTimer:
+        # As the dispatcher does: the head is all here, Autobahn's handshake timer is unused.
+        protocol.openHandshakeTimeout = 0
     transport = StringTransport(
         hostAddress=IPv4Address("TCP", "127.0.0.1", 2000),
         peerAddress=IPv4Address("TCP", "127.0.0.1", 50000),
@@ -260,10 +261,9 @@ def test_lean_handshake_opens_the_connection_autobahn_would(request_):
     assert leanProtocol.state == abProtocol.state == WebSocketProtocol.STATE_OPEN
     leanVars, abVars = vars(leanProtocol), vars(abProtocol)
     assert leanVars.keys() == abVars.keys()
-    # Each connection has its own transport, and its own UTF-8 validator (C state, made
-    # before the handshake): alike in type only.
+    # Each connection has its own transport: alike in type only.
     different = {name for name in leanVars if not same(leanVars[name], abVars[name])}
-    assert different == {"transport", "utf8validator"}
+    assert different == {"transport"}
     for name in different:
         assert type(leanVars[name]) is type(abVars[name])
 
@@ -384,6 +384,62 @@ async def test_a_compression_offer_goes_through_autobahn(daemon):
         assert service.factory.leanHandshakes == 0
         client.sendText("squeezed")
         assert await client.nextText() == "squeezed"
+    finally:
+        client.sendClose(1000)
+        await client.closed
+
+
+def test_lean_connection_start_is_autobahns(monkeypatch):
+    """
+    Pins Autobahn: a connection started the lean way has every attribute Autobahn's
+    connectionMade gives it, but for the UTF-8 validator, made on first use.
+    """
+    clock = MemoryReactorClock()
+    with replace_loop(clock):
+        server = daemonOn(clock)
+        leanProtocol, _ = connection(server, handshakeTimer=True)
+        monkeypatch.setattr(lean, "ENABLED", False)
+        abProtocol, _ = connection(server, handshakeTimer=True)
+    leanVars, abVars = vars(leanProtocol), vars(abProtocol)
+    assert abVars.keys() - leanVars.keys() == {"utf8validator"}
+    assert leanVars.keys() <= abVars.keys()
+    # Each connection has its own transport: alike in type only.
+    different = {name for name in leanVars if not same(leanVars[name], abVars[name])}
+    assert different == {"transport"}
+    assert leanProtocol.openHandshakeTimeoutCall is not None
+    assert server.factory.countConnections == 2
+    # Asked for, the validator is made (and kept), as Autobahn's would be.
+    validator = leanProtocol.utf8validator
+    assert type(validator) is type(abProtocol.utf8validator)
+    assert leanProtocol.utf8validator is validator
+
+
+@pytest_twisted.ensureDeferred
+async def test_text_is_still_validated(daemon):
+    """A connection with a validator made on first use still refuses bad UTF-8 (1007)."""
+    service, url = daemon("--format", "raw", "--welcome", "")
+    client = await connect(url)
+    (member,) = list(service.room)
+    assert "utf8validator" not in vars(member)
+    client.sendText("fine")
+    assert await client.nextText() == "fine"
+    assert "utf8validator" in vars(member)
+    client.sendMessage(b"\xff\xfe", isBinary=False)
+    code, _ = await client.closed
+    assert code == 1007
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unpinned_autobahn_gets_autobahns_handshake(daemon, monkeypatch):
+    """On an Autobahn the lean paths were not checked against, Autobahn does it all."""
+    monkeypatch.setattr(lean, "ENABLED", False)
+    service, url = daemon("--format", "raw", "--welcome", "")
+    client = await connect(url)
+    try:
+        (member,) = list(service.room)
+        assert service.factory.leanHandshakes == 0 and "utf8validator" in vars(member)
+        client.sendText("still")
+        assert await client.nextText() == "still"
     finally:
         client.sendClose(1000)
         await client.closed

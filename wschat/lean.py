@@ -77,6 +77,19 @@ class _Made:
             return False
 
 
+class _LazyValidator:
+    """
+    A connection's UTF-8 validator, made when Autobahn first asks for it (the first text
+    message it receives): a connection that receives none never pays for one.
+    """
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        validator = instance.__dict__["utf8validator"] = _ab.Utf8Validator()
+        return validator
+
+
 def protocolClass(factory: Any) -> type:
     """The protocol class for ``factory``'s next connection."""
     base = factory.protocol
@@ -93,6 +106,8 @@ def protocolClass(factory: Any) -> type:
     }
     # Nothing left for Autobahn to copy or to log (see above).
     namespace["CONFIG_ATTRS"] = ()
+    # Made on first use (see connectionMade below).
+    namespace["utf8validator"] = _LazyValidator()
     namespace["__module__"] = base.__module__
     namespace["__qualname__"] = base.__qualname__
     subclass = type(base.__name__, (base,), namespace)
@@ -139,7 +154,14 @@ def trimOpenConnection(protocol: Any) -> None:
 PINNED = frozenset({"26.10.2"})
 
 #: What the lean handshake needs of Autobahn's protocol module.
-_NEEDED = ("_url_to_origin", "_is_same_origin", "WebSocketProtocol", "WebSocketServerProtocol")
+_NEEDED = (
+    "_url_to_origin",
+    "_is_same_origin",
+    "WebSocketProtocol",
+    "WebSocketServerProtocol",
+    "TrafficStats",
+    "Utf8Validator",
+)
 
 #: Whether this Autobahn is one :func:`openHandshake` may stand in for.
 ENABLED = autobahn.__version__ in PINNED and all(hasattr(_ab, name) for name in _NEEDED)
@@ -161,9 +183,86 @@ _TO_AUTOBAHN = (b"sec-websocket-extensions",)
 _ONCE = (b"host", b"sec-websocket-version", b"sec-websocket-key", b"origin")
 
 
-def _single(fields: dict[bytes, list[bytes]], name: bytes) -> str | None:
-    values = fields.get(name)
-    return values[0].decode("latin-1").strip() if values else None
+#: What Autobahn's ``_connectionMade`` sets on every server connection, and to what (apart
+#: from the per-connection objects :func:`connectionMade` makes).
+_FRESH: dict[str, Any] = {
+    "_perMessageCompress": None,
+    "trackedTimings": None,
+    "state": _CONNECTING,
+    "send_state": _ab.WebSocketProtocol.SEND_STATE_GROUND if ENABLED else None,
+    "data": b"",
+    "triggered": False,
+    "wasMaxFramePayloadSizeExceeded": False,
+    "wasMaxMessagePayloadSizeExceeded": False,
+    "closedByMe": False,
+    "failedByMe": False,
+    "droppedByMe": False,
+    "wasClean": False,
+    "wasNotCleanReason": None,
+    "wasServerConnectionDropTimeout": False,
+    "wasOpenHandshakeTimeout": False,
+    "wasCloseHandshakeTimeout": False,
+    "wasServingFlashSocketPolicyFile": False,
+    "localCloseCode": None,
+    "localCloseReason": None,
+    "remoteCloseCode": None,
+    "remoteCloseReason": None,
+    "openHandshakeTimeoutCall": None,
+    "closeHandshakeTimeoutCall": None,
+    "autoPingTimeoutCall": None,
+    "autoPingPending": None,
+    "autoPingPendingCall": None,
+    "autoPingPendingSeq": 0,
+    "autoPingPendingSent": None,
+}
+
+#: Autobahn's Twisted helper for a connection's transport details.
+_createTransportDetails: Any = None
+_WEBSOCKET_FRAMING: Any = None
+if ENABLED:
+    from autobahn.twisted.util import create_transport_details as _createTransportDetails
+    from autobahn.wamp.types import TransportDetails
+
+    _WEBSOCKET_FRAMING = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+
+
+def connectionMade(protocol: Any) -> bool:
+    """
+    Start a server connection as Autobahn's ``connectionMade`` does (transport details, the
+    peer, TCP_NODELAY, the connection's initial state, its count, the handshake timer),
+    without its debug logging (whose arguments it formats even with debug off) and without a
+    UTF-8 validator until one is needed. True if it did; False (nothing done) for a protocol
+    not made by :func:`protocolClass`, or one timing its handshakes, or on an Autobahn not
+    pinned: then Autobahn's ``connectionMade`` is for it.
+    """
+    cls = type(protocol)
+    if (
+        not ENABLED
+        or cls.CONFIG_ATTRS
+        or not isinstance(cls.__dict__.get("utf8validator"), _LazyValidator)
+        or protocol.trackTimings
+        or not protocol.factory.isServer
+    ):
+        return False
+    transport = protocol.transport
+    details = _createTransportDetails(transport, protocol.is_server)
+    details.channel_framing = _WEBSOCKET_FRAMING
+    protocol._transport_details = details
+    protocol.peer = details.peer
+    try:
+        transport.setTcpNoDelay(protocol.tcpNoDelay)
+    except Exception:  # as Autobahn: UNIX sockets, and transports without TCP options
+        pass
+    state = protocol.__dict__
+    state.update(_FRESH)
+    state["trafficStats"] = _ab.TrafficStats()
+    state["send_queue"] = deque()
+    if protocol.openHandshakeTimeout > 0:
+        state["openHandshakeTimeoutCall"] = protocol.factory._batched_timer.call_later(
+            protocol.openHandshakeTimeout, protocol.onOpenHandshakeTimeout
+        )
+    protocol.factory.countConnections += 1
+    return True
 
 
 def openHandshake(

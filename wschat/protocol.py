@@ -126,7 +126,10 @@ class ChatServerProtocol(WebSocketServerProtocol):
     _maxMessageFrames = Limits().maxMessageFrames
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        # Autobahn's connection start, without its per-connection debug formatting: see
+        # wschat.lean.connectionMade.
+        if not lean.connectionMade(self):
+            super().connectionMade()
         server = self.factory.chatServer
         limits = server.limits
         self._maxQueue = limits.maxQueue
