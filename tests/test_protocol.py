@@ -124,6 +124,16 @@ class LoggingTests(SynchronousTestCase):
             byFormat["Connection from {peer} closed: code {code} {reason}"]["code"], 1000
         )
 
+    def test_connection_lines_name_their_source(self) -> None:
+        """A connection's lines come from its class's namespace, with itself as the source."""
+        room = MemoryRoom(welcome="")
+        server, alice = room.connect(1234)
+        room.flush()
+        (event,) = [e for e in self.events if e["log_format"] == "New connection from {peer}"]
+        self.assertEqual(event["log_namespace"], "wschat.protocol.ChatServerProtocol")
+        self.assertIs(event["log_source"], server)
+        self.assertEqual(event["log_namespace"], server._log.namespace)
+
     def test_no_message_log(self) -> None:
         """With message logging off, message bodies never reach the log."""
         room = MemoryRoom(welcome="", logMessages=False)

@@ -103,8 +103,9 @@ def headerFields(head: bytes) -> dict[bytes, list[bytes]] | None:
 def upgradeAsked(fields: dict[bytes, list[bytes]]) -> bool:
     """Whether a request's header ``fields`` (see :func:`headerFields`) ask for WebSocket."""
     for value in fields.get(b"upgrade", ()):
-        if any(token.strip() == b"websocket" for token in value.lower().split(b",")):
-            return True
+        for token in value.lower().split(b","):
+            if token.strip() == b"websocket":
+                return True
     return False
 
 
@@ -396,9 +397,10 @@ class DispatchFactory(ServerFactory):
             fields = headerFields(head)
         if fields is None:
             return httpError(400, "Bad Request", "a header line is not a header field")
-        if b"transfer-encoding" in fields or any(
-            value != b"0" for value in fields.get(b"content-length", ())
-        ):
+        if b"transfer-encoding" in fields:
+            return HAS_BODY
+        lengths = fields.get(b"content-length")
+        if lengths is not None and lengths.count(b"0") != len(lengths):
             return HAS_BODY
         hosts = fields.get(b"host", [])
         if len(hosts) > 1:

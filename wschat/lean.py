@@ -170,9 +170,9 @@ _CONNECTING = _ab.WebSocketProtocol.STATE_CONNECTING
 _OPEN = _ab.WebSocketProtocol.STATE_OPEN
 _WS_MAGIC = _ab.WebSocketProtocol._WS_MAGIC if ENABLED else b""
 
-#: Anything Autobahn's head parser (``str.splitlines`` of the Latin-1 text) would split on
-#: other than CRLF, and folded lines: Autobahn parses such heads its own way, so they go to it.
-_UNUSUAL_LINES = re.compile(rb"[\x0b\x0c\x1c-\x1e\x85]|\r(?!\n)|(?<!\r)\n|\r\n[ \t]")
+#: What Autobahn's head parser (``str.splitlines`` of the Latin-1 text) splits lines on,
+#: besides CR and LF: a head with any of them goes to Autobahn, which parses it its own way.
+_LINE_BREAKS = re.compile(rb"[\x0b\x0c\x1c-\x1e\x85]")
 
 _KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/")
 
@@ -289,7 +289,16 @@ def openHandshake(
         or protocol.trackedTimings is not None
         or protocol.send_queue
         or (protocol.maxConnections > 0 and factory.countConnections > protocol.maxConnections)
-        or _UNUSUAL_LINES.search(head) is not None
+    ):
+        return False
+    # Only CRLF line ends, no folded line, no other line break: lines as Autobahn splits them.
+    lines = head.count(b"\r\n")
+    if (
+        head.count(b"\r") != lines
+        or head.count(b"\n") != lines
+        or b"\r\n " in head
+        or b"\r\n\t" in head
+        or _LINE_BREAKS.search(head) is not None
     ):
         return False
     for name in _TO_AUTOBAHN:
@@ -313,8 +322,10 @@ def openHandshake(
     for name, values in fields.items():
         if not name.isascii():
             return False
-        text = [v.decode("latin-1").strip() for v in values]
-        headers[name.decode("ascii")] = text[0] if len(text) == 1 else ", ".join(text)
+        if len(values) == 1:
+            headers[name.decode("ascii")] = values[0].decode("latin-1").strip()
+        else:
+            headers[name.decode("ascii")] = ", ".join(v.decode("latin-1").strip() for v in values)
     # Host: present; a port, if any, a number (and the external port, if the factory has one).
     host = headers.get("host")
     if host is None:

@@ -642,7 +642,9 @@ class ChatServerProtocol(WebSocketServerProtocol):
     def _logLine(self, format: str, **fields: Any) -> None:
         # At the end of the reactor turn, with the connection lines of other clients:
         # see wschat.turnlog.
-        self.factory.chatServer.lines.info(self._log, format, **fields)
+        # The class's Logger with this connection as the source: what ``self._log`` would
+        # make (a new Logger on every access) without making it.
+        self.factory.chatServer.lines.info(_LINES_LOG, format, log_source=self, **fields)
 
     def _fireGone(self) -> None:
         waiters, self._goneWaiters = self._goneWaiters, ()
@@ -668,6 +670,10 @@ class ChatServerProtocol(WebSocketServerProtocol):
         # Autobahn logs the reason and answers it as the HTTP status text; reasons quote what
         # the client sent (its Origin, method, request line): escaped, for both.
         super().failHandshake(escapeControls(reason), code, responseHeaders)
+
+
+#: The Logger ``ChatServerProtocol._log`` is on a connection, but for its source.
+_LINES_LOG = Logger(namespace=f"{ChatServerProtocol.__module__}.{ChatServerProtocol.__name__}")
 
 
 class ChatServerFactory(WebSocketServerFactory):

@@ -56,13 +56,15 @@ class TurnLog:
     def info(self, log: Logger, format: str, **fields: Any) -> None:
         """
         Log ``format`` with ``fields`` at level info through ``log`` (as ``log.info`` would,
-        stamped now) at the end of this turn.
+        stamped now) at the end of this turn. A ``log_source`` field names the source when
+        ``log``'s is not the one.
         """
         event = fields
         event["log_logger"] = log
         event["log_level"] = LogLevel.info
         event["log_namespace"] = log.namespace
-        event["log_source"] = log.source
+        if "log_source" not in event:
+            event["log_source"] = log.source
         event["log_format"] = format
         event["log_time"] = self._now()
         if not self._kept:
