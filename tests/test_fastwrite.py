@@ -467,6 +467,8 @@ async def test_writer_passes_everything_else_to_the_transport():
     try:
         w = stubbedWriter(t, task.Clock())
         assert w.getPeer() == t.getPeer() and w.getHost() == t.getHost()
+        # The peer, asked for several times while a connection opens, is made once.
+        assert w.getPeer() is w.getPeer()
         assert w.getHandle() is t.socket
         for interface in (ITCPTransport, ITransport, IConsumer, IPushProducer, ISystemHandle):
             assert interface.providedBy(t) and interface.providedBy(w), interface

@@ -289,3 +289,29 @@ def test_host_answers_are_kept_per_host_and_local_address():
         assert policy.allows("chat.example.com", here) is False
         with pytest.raises(ValueError):
             policy.allows("bad host!", here)
+
+
+def test_the_local_address_is_asked_for_only_when_the_host_is_an_address():
+    """
+    A Host that names the daemon (or not) by itself is answered without the connection's
+    local address; an address that is not loopback asks for it, and is compared with it.
+    """
+    policy = HostPolicy.fromList(["chat.example.com"], own=[])
+    asked: list[str] = []
+
+    def local(host: str):
+        def getHost() -> IPv4Address:
+            asked.append(host)
+            return IPv4Address("TCP", host, 2000)
+
+        return getHost
+
+    for _ in range(2):
+        assert policy.allows("chat.example.com:2000", local("192.0.2.1")) is True
+        assert policy.allows("localhost", local("192.0.2.1")) is True
+        assert policy.allows("127.0.0.1:2000", local("192.0.2.1")) is True
+        assert policy.allows("evil.example", local("192.0.2.1")) is False
+    assert asked == []
+    assert policy.allows("192.0.2.1:2000", local("192.0.2.1")) is True
+    assert policy.allows("192.0.2.1:2000", local("192.0.2.2")) is False
+    assert asked == ["192.0.2.1", "192.0.2.2"]

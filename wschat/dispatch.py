@@ -32,6 +32,7 @@ included, takes the fast path.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Literal
 
 from twisted.internet.interfaces import (
@@ -242,7 +243,8 @@ class Dispatcher(Protocol):
         """
         assert self.transport is not None
         fields = headerFields(head[:-4])
-        refusal = self.factory.check(head[:-4], self.transport.getHost(), fields)
+        # The local address only if the Host needs it: getHost is a system call.
+        refusal = self.factory.check(head[:-4], self.transport.getHost, fields)
         if refusal is not None:
             self._refuse(refusal)
             return False
@@ -385,13 +387,14 @@ class DispatchFactory(ServerFactory):
     def check(
         self,
         head: bytes,
-        local: IAddress,
+        local: IAddress | Callable[[], IAddress],
         fields: dict[bytes, list[bytes]] | None | Literal[False] = False,
     ) -> bytes | None:
         """
         The error response for a request ``head`` (request line and header fields) that may
-        not be served on a connection that arrived at ``local``; None if it may. ``fields``
-        are the head's :func:`headerFields`, when the caller has them already.
+        not be served on a connection that arrived at ``local`` (or at the address a call of
+        ``local`` gives, made only if needed); None if it may. ``fields`` are the head's
+        :func:`headerFields`, when the caller has them already.
         """
         if fields is False:
             fields = headerFields(head)

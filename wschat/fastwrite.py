@@ -316,6 +316,7 @@ class FastTransport:
         "sharedTurn",
         "sharedStart",
         "__providedBy__",
+        "_peer",
         "__weakref__",
     )
 
@@ -340,6 +341,8 @@ class FastTransport:
         #: ISSLTransport once TLS has started, which it does only through :meth:`startTLS`.
         #: Kept, not worked out on each question: Autobahn asks several per connection.
         self.__providedBy__ = _providedFor(transport)
+        #: The peer's address, once asked for (a TCP connection's peer never changes).
+        self._peer: IPv4Address | IPv6Address | None = None
 
     def __repr__(self) -> str:
         return f"<FastTransport of {self.transport!r}>"
@@ -449,7 +452,11 @@ class FastTransport:
     # -- the rest of the transport, as it is
 
     def getPeer(self) -> IPv4Address | IPv6Address:
-        return self.transport.getPeer()  # type: ignore[no-any-return]
+        # Asked several times while a connection opens: made once.
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = self.transport.getPeer()
+        return peer
 
     def getHost(self) -> IPv4Address | IPv6Address:
         return self.transport.getHost()  # type: ignore[no-any-return]

@@ -36,7 +36,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 from urllib.parse import urlsplit
@@ -208,9 +208,10 @@ class HostPolicy:
     domains: tuple[str, ...] = ()
     allowAll: bool = False
     own: frozenset[str] = frozenset()
-    # The answers for the (Host, local address) pairs seen lately: clients of one daemon send
-    # a handful of distinct Host values, and working one out costs a handshake ~13 us.
-    _answers: dict[tuple[str, str | None], bool] = field(
+    # The answers for the Host values (and, for an address that is not the daemon's by
+    # itself, (Host, local address) pairs) seen lately: clients of one daemon send a handful
+    # of distinct Host values, and working one out costs a handshake ~13 us.
+    _answers: dict[str | tuple[str, str | None], object] = field(
         default_factory=dict, compare=False, hash=False, repr=False
     )
 
@@ -240,26 +241,44 @@ class HostPolicy:
         names = machineNames() if own is None else frozenset(_canonicalName(n) for n in own)
         return cls(frozenset(allowed), tuple(domains), allowAll, names)
 
-    def allows(self, host: str | None, local: IAddress | None = None) -> bool:
+    def allows(
+        self, host: str | None, local: IAddress | Callable[[], IAddress] | None = None
+    ) -> bool:
         """
         Whether a request with this ``Host`` header (None: none) names this daemon, on a
-        connection that arrived at the address ``local``.
+        connection that arrived at the address ``local`` (or the address a call of ``local``
+        gives: asked only when the answer depends on it).
 
         @raise ValueError: if ``host`` is not a host with an optional port.
         """
         if host is None:
             return True
-        key = (host, local.host if isinstance(local, IPv4Address | IPv6Address) else None)
-        answer = self._answers.get(key)
+        answers = self._answers
+        answer = answers.get(host)
         if answer is None:
-            answer = self._allows(host, local)
-            if len(self._answers) >= _ANSWERS_KEPT:
-                self._answers.clear()
-            self._answers[key] = answer
-        return answer
+            byName = self._byName(host)
+            answer = _BY_ADDRESS if byName is None else byName
+            self._keep(host, answer)
+        if answer is not _BY_ADDRESS:
+            return bool(answer)
+        # An address: the daemon's if the connection arrived at it.
+        if callable(local):
+            local = local()
+        key = (host, local.host if isinstance(local, IPv4Address | IPv6Address) else None)
+        answer = answers.get(key)
+        if answer is None:
+            answer = self._isLocal(host, local)
+            self._keep(key, answer)
+        return bool(answer)
 
-    def _allows(self, host: str, local: IAddress | None) -> bool:
-        # What allows() answers when it has not seen this Host here before.
+    def _keep(self, key: str | tuple[str, str | None], answer: object) -> None:
+        if len(self._answers) >= _ANSWERS_KEPT:
+            self._answers.clear()
+        self._answers[key] = answer
+
+    def _byName(self, host: str) -> bool | None:
+        # Whether the Host names this daemon whatever address the connection arrived at;
+        # None for an address that does only if it is that one.
         name = _hostName(host)
         if not (_HOST_NAME.match(name) or _isAddress(name)):
             raise ValueError(f"{host!r} is not a host name or address")
@@ -277,15 +296,23 @@ class HostPolicy:
             return False
         if ip.is_loopback:
             return True
+        return None
+
+    def _isLocal(self, host: str, local: IAddress | None) -> bool:
+        # Whether the address in the Host is the one the connection arrived at.
         if isinstance(local, IPv4Address | IPv6Address):
             try:
+                ip = ipaddress.ip_address(_hostName(host))
                 return ip == ipaddress.ip_address(local.host.split("%", 1)[0])
             except ValueError:
                 return False
         return False
 
 
-#: How many (Host, local address) answers a HostPolicy keeps.
+#: A Host answer that depends on the address the connection arrived at.
+_BY_ADDRESS = object()
+
+#: How many Host (and Host, local address) answers a HostPolicy keeps.
 _ANSWERS_KEPT = 256
 
 #: A DNS name: letters, digits, hyphens and underscores in dot-separated labels.
