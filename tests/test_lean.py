@@ -247,6 +247,8 @@ def same(a, b, depth=0):
         head(target="/chat?history=5"),
         head("Origin: http://127.0.0.1:2000", "User-Agent: test"),
         head("X-Forwarded-For: 203.0.113.7"),
+        head().replace(b"Connection: Upgrade", b"Connection: keep-alive, UPGRADE"),
+        head().replace(b"Upgrade: websocket", b"Upgrade: WebSocket"),
     ],
 )
 def test_lean_handshake_opens_the_connection_autobahn_would(request_):

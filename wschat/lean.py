@@ -265,6 +265,16 @@ def connectionMade(protocol: Any) -> bool:
     return True
 
 
+def _hasToken(value: str, token: str) -> bool:
+    """Whether a comma-separated header ``value`` lists ``token`` (any case), as Autobahn asks."""
+    if value.lower() == token:
+        return True
+    for item in value.split(","):
+        if item.strip().lower() == token:
+            return True
+    return False
+
+
 def openHandshake(
     protocol: Any, head: bytes, fields: dict[bytes, list[bytes]], rest: bytes = b""
 ) -> bool:
@@ -338,11 +348,9 @@ def openHandshake(
             return False
         if factory.externalPort and portNumber != factory.externalPort:
             return False
-    upgrade = headers.get("upgrade", "")
-    if not any(u.strip().lower() == "websocket" for u in upgrade.split(",")):
+    if not _hasToken(headers.get("upgrade", ""), "websocket"):
         return False
-    connection = headers.get("connection", "")
-    if not any(c.strip().lower() == "upgrade" for c in connection.split(",")):
+    if not _hasToken(headers.get("connection", ""), "upgrade"):
         return False
     version = headers.get("sec-websocket-version")
     if version is None or version.strip() != "13" or 13 not in protocol.versions:
