@@ -31,7 +31,17 @@ The opening handshake
     origin Autobahn would allow, a protocol whose ``onConnect`` answers at once): anything
     else, and every request on an Autobahn version these rules were not checked against
     (:data:`PINNED`), goes through Autobahn's own handshake, so its errors and statuses are
-    Autobahn's.
+    Autobahn's. (One difference: bytes a client sends in the same read as its head are
+    counted in Autobahn's traffic statistics as read after the opening, not before it.)
+
+The connection's start
+    :func:`connectionMade` does what Autobahn's ``connectionMade`` does for a server
+    connection of a :func:`protocolClass` class, without the debug-log arguments Autobahn
+    formats even with debug logging off, and without the UTF-8 validator, which such a class
+    makes when Autobahn first asks for it: a connection that never receives a text message
+    never has one.
+
+tests/test_lean.py opens connections both ways and compares every attribute.
 """
 
 from __future__ import annotations
