@@ -8,7 +8,8 @@ Run the same scenarios on wschat and on its peers, alternating, and print the ra
 ``--before TWISTD`` adds the server ``wschat-before``: the same daemon and options as
 ``wschat``, run by another checkout's ``twistd`` (its own virtualenv, with that checkout
 installed), to compare two versions of wschat side by side in one run.
-``wschat-no-fast-write`` is ``wschat`` with ``--no-fast-write``.
+``wschat-no-fast-write`` is ``wschat`` with ``--no-fast-write``; ``wschat-noinbound`` is
+``wschat`` reading every client as fast as it sends (``--inbound-rate 0 --inbound-bytes 0``).
 
 Each run starts a fresh server pinned to one core (``taskset -c 0``) and a load generator
 pinned to another (``taskset -c 1``). Scenarios, and what drives each:
@@ -97,6 +98,9 @@ SERVERS: dict[str, Callable[[int, str], list[str]]] = {
     "wschat-prefixed": _wschat("--format", "prefixed", "--no-message-log"),
     "wschat-log": _wschat("--format", "raw"),
     "wschat-quiet": _wschat("--format", "raw", "--no-message-log", "--no-connection-log"),
+    # No inbound share: each client read as fast as it sends (the peers have no such limit;
+    # by default 10 senders are read at 250 messages/s each, which caps "saturated").
+    "wschat-noinbound": _wschat(*WSCHAT, "--inbound-rate", "0", "--inbound-bytes", "0"),
     # History off: what keeping the recovery window (on by default) costs.
     "wschat-nohistory": _wschat("--format", "raw", "--no-message-log", "--history", "0"),
     "websockets": _script(PEERS / "websockets_server.py"),

@@ -494,16 +494,18 @@ static void ownEcho(struct client *c, uint64_t sentUs)
 /* One data frame's payload: a bench message if it carries this run's marker. */
 static void message(struct client *c, const unsigned char *p, size_t len)
 {
-    const unsigned char *m = memmem(p, len, mark, MARKLEN);
+    /* A server that relays payloads unchanged puts the marker first: no search then. */
+    const unsigned char *m = len >= MARKLEN && memcmp(p, mark, MARKLEN) == 0
+                                 ? p
+                                 : memmem(p, len, mark, MARKLEN);
     const unsigned char *f;
-    uint64_t sender, seq, sentUs;
+    uint64_t sender, seq;
     int bad = 0, si;
     if (!m || (size_t)(p + len - m) < MARKLEN + FIELDS)
         return;
     f = m + MARKLEN;
     sender = digits(f, SENDER_DIGITS, &bad);
     seq = digits(f + SENDER_DIGITS, SEQ_DIGITS, &bad);
-    sentUs = digits(f + SENDER_DIGITS + SEQ_DIGITS, TIME_DIGITS, &bad);
     c->received++;
     delivered++;
     si = !bad && sender < (uint64_t)opt.clients ? senderOf[sender] : -1;
@@ -518,8 +520,8 @@ static void message(struct client *c, const unsigned char *p, size_t len)
             c->next[si] = seq + 1;
         c->count[si]++;
     }
-    if ((int)sender == c->id)
-        ownEcho(c, sentUs);
+    if ((int)sender == c->id) /* the send time is read only here, where it is used */
+        ownEcho(c, digits(f + SENDER_DIGITS + SEQ_DIGITS, TIME_DIGITS, &bad));
 }
 
 /* Read the frames at the start of b[0..n); returns the bytes used (a partial frame is left). */
