@@ -206,9 +206,8 @@ def test_a_partial_shared_send_queues_the_rest_in_order():
     room.endTurn()
     whole = b"".join(frames)
     assert sock(short).received() == whole[:5]
-    assert short.transport.transport.dataBuffer + b"".join(  # type: ignore[union-attr]
-        short.transport.transport._tempDataBuffer  # type: ignore[union-attr]
-    ) == whole[5:]
+    tcpTransport: Any = short.transport.transport  # type: ignore[union-attr]
+    assert tcpTransport.dataBuffer + b"".join(tcpTransport._tempDataBuffer) == whole[5:]
     assert short.transport.dirty  # type: ignore[union-attr]
     assert sock(other).sends == [whole]
 
