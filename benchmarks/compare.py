@@ -8,8 +8,12 @@ Run the same scenarios on wschat and on its peers, alternating, and print the ra
 ``--before TWISTD`` adds the server ``wschat-before``: the same daemon and options as
 ``wschat``, run by another checkout's ``twistd`` (its own virtualenv, with that checkout
 installed), to compare two versions of wschat side by side in one run.
-``wschat-no-fast-write`` is ``wschat`` with ``--no-fast-write``; ``wschat-noinbound`` is
-``wschat`` reading every client as fast as it sends (``--inbound-rate 0 --inbound-bytes 0``).
+``wschat`` reads every client as fast as it sends (``--inbound-rate 0 --inbound-bytes 0``),
+as every peer does: with the daemon's default share (250 frames/s per client) the 10 senders
+of the saturated scenario are read at 2,500 messages/s in all, a cap of 2.5M deliveries/s
+that ``wschat-share`` (the default share) shows. ``wschat-before`` gets those two options when
+its ``twistd wschat --help`` lists them. ``wschat-no-fast-write`` is ``wschat`` with
+``--no-fast-write``.
 
 Each run starts a fresh server pinned to one core (``taskset -c 0``) and a load generator
 pinned to another (``taskset -c 1``). Scenarios, and what drives each:
@@ -85,22 +89,31 @@ def _wschat(*extra: str, twistd: str = TWISTD) -> Callable[[int, str], list[str]
     return command
 
 
+def knownOptions(twistd: str, options: tuple[str, ...]) -> tuple[str, ...]:
+    """``options`` (pairs of option and value) if ``twistd wschat --help`` lists them all."""
+    usage = subprocess.run(
+        [twistd, "wschat", "--help"], capture_output=True, text=True, timeout=60, check=False
+    ).stdout
+    return options if all(o in usage for o in options[::2]) else ()
+
+
 def _script(path: Path, *extra: str) -> Callable[[int, str], list[str]]:
     return lambda port, logdir: [PY, str(path), "--port", str(port), *extra]
 
 
-#: The options of the server ``wschat`` (and ``wschat-before``).
+#: The options of the servers ``wschat-share`` and ``wschat-before``.
 WSCHAT = ("--format", "raw", "--no-message-log")
+#: Each client read as fast as it sends, as the peers do (the inbound share off).
+NO_SHARE = ("--inbound-rate", "0", "--inbound-bytes", "0")
 
 SERVERS: dict[str, Callable[[int, str], list[str]]] = {
-    "wschat": _wschat(*WSCHAT),
-    "wschat-no-fast-write": _wschat(*WSCHAT, "--no-fast-write"),
+    "wschat": _wschat(*WSCHAT, *NO_SHARE),
+    # The default inbound share: 250 frames/s per client, which caps "saturated" at 2.5M/s.
+    "wschat-share": _wschat(*WSCHAT),
+    "wschat-no-fast-write": _wschat(*WSCHAT, *NO_SHARE, "--no-fast-write"),
     "wschat-prefixed": _wschat("--format", "prefixed", "--no-message-log"),
     "wschat-log": _wschat("--format", "raw"),
     "wschat-quiet": _wschat("--format", "raw", "--no-message-log", "--no-connection-log"),
-    # No inbound share: each client read as fast as it sends (the peers have no such limit;
-    # by default 10 senders are read at 250 messages/s each, which caps "saturated").
-    "wschat-noinbound": _wschat(*WSCHAT, "--inbound-rate", "0", "--inbound-bytes", "0"),
     # History off: what keeping the recovery window (on by default) costs.
     "wschat-nohistory": _wschat("--format", "raw", "--no-message-log", "--history", "0"),
     "websockets": _script(PEERS / "websockets_server.py"),
@@ -445,7 +458,8 @@ def main() -> None:
         twistd = shutil.which(args.before)
         if twistd is None:
             parser.error(f"--before {args.before!r}: no such executable")
-        SERVERS["wschat-before"] = _wschat(*WSCHAT, twistd=os.path.abspath(twistd))
+        twistd = os.path.abspath(twistd)
+        SERVERS["wschat-before"] = _wschat(*WSCHAT, *knownOptions(twistd, NO_SHARE), twistd=twistd)
     servers = [s for s in args.servers.split(",") if s]
     unknown = [s for s in servers if s not in SERVERS]
     if unknown:
