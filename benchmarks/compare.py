@@ -8,19 +8,33 @@ Run the same scenarios on wschat and on its peers, alternating, and print the ra
 ``--before TWISTD`` adds the server ``wschat-before``: the same daemon and options as
 ``wschat``, run by another checkout's ``twistd`` (its own virtualenv, with that checkout
 installed), to compare two versions of wschat side by side in one run.
-``wschat-no-fast-write`` is ``wschat`` with ``--no-fast-write``.
+``wschat`` reads every client as fast as it sends (``--inbound-rate 0 --inbound-bytes 0``),
+as every peer does: with the daemon's default share (250 frames/s per client) the 10 senders
+of the saturated scenario are read at 2,500 messages/s in all, a cap of 2.5M deliveries/s
+that ``wschat-share`` (the default share) shows. ``wschat-before`` gets those two options when
+its ``twistd wschat --help`` lists them. ``wschat-no-fast-write`` is ``wschat`` with
+``--no-fast-write``.
 
-Each run starts a fresh server pinned to one core (``taskset -c 0``) and runs
-``python -m wschat.bench`` pinned to another (``taskset -c 1``). Scenarios:
+Each run starts a fresh server pinned to one core (``taskset -c 0``) and a load generator
+pinned to another (``taskset -c 1``). Scenarios, and what drives each:
 
-- saturated: 1000 clients, 10 senders x 4 in flight (closed loop): deliveries/s;
+- saturated: 1000 clients, 10 senders x 4 in flight (closed loop): deliveries/s. Driven by
+  ``loadgen`` (``benchmarks/loadgen.c``, single-threaded C and epoll, built with ``gcc -O2``
+  at the start of the run), so the figure is the server's and not the load tool's;
+- idle: N connections held: server RSS per connection, handshakes/s; driven by ``loadgen``;
 - moderate: 1000 clients, 20 messages/s in total (open loop): p50/p99 latency, server CPU;
-- idle: N connections held: server RSS per connection, handshakes/s;
-- sweep (with --plot): latency against offered load, one line per server.
+  driven by ``python -m wschat.bench`` (at 20 msg/s it is far from busy);
+- sweep (with --plot): latency against offered load, one line per server; ``wschat.bench``.
 
-Needs: ``pip install '.[bench,plot]' websockets picows`` and ``npm install`` in
-``benchmarks/peers/node-ws``. Every run is bounded in time; a server that does not start or a
-bench that does not finish in time is recorded as failed, never waited on forever.
+``--load python`` drives saturated and idle with ``python -m wschat.bench`` too. Both tools send
+the same payloads and take the same scenario options. Around ``loadgen``'s measured window
+(which it announces on stderr as it happens) this script reads the server's CPU time, its wait
+for a CPU and its RSS from /proc, as ``wschat.bench --pid`` does for its own runs.
+
+Needs: ``pip install '.[bench,plot]' websockets picows``, ``npm install`` in
+``benchmarks/peers/node-ws``, and gcc (or ``--load python``). Every run is bounded in time; a
+server that does not start or a load run that does not finish in time is recorded as failed,
+never waited on forever.
 """
 
 from __future__ import annotations
@@ -32,12 +46,20 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from children import findExecutable, freePort, stop, waitListening
+
+from wschat.bench.stats import (
+    cpuShare,
+    processCpuSeconds,
+    processRssBytes,
+    processWaitSeconds,
+)
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"
@@ -67,16 +89,28 @@ def _wschat(*extra: str, twistd: str = TWISTD) -> Callable[[int, str], list[str]
     return command
 
 
+def knownOptions(twistd: str, options: tuple[str, ...]) -> tuple[str, ...]:
+    """``options`` (pairs of option and value) if ``twistd wschat --help`` lists them all."""
+    usage = subprocess.run(
+        [twistd, "wschat", "--help"], capture_output=True, text=True, timeout=60, check=False
+    ).stdout
+    return options if all(o in usage for o in options[::2]) else ()
+
+
 def _script(path: Path, *extra: str) -> Callable[[int, str], list[str]]:
     return lambda port, logdir: [PY, str(path), "--port", str(port), *extra]
 
 
-#: The options of the server ``wschat`` (and ``wschat-before``).
+#: The options of the servers ``wschat-share`` and ``wschat-before``.
 WSCHAT = ("--format", "raw", "--no-message-log")
+#: Each client read as fast as it sends, as the peers do (the inbound share off).
+NO_SHARE = ("--inbound-rate", "0", "--inbound-bytes", "0")
 
 SERVERS: dict[str, Callable[[int, str], list[str]]] = {
-    "wschat": _wschat(*WSCHAT),
-    "wschat-no-fast-write": _wschat(*WSCHAT, "--no-fast-write"),
+    "wschat": _wschat(*WSCHAT, *NO_SHARE),
+    # The default inbound share: 250 frames/s per client, which caps "saturated" at 2.5M/s.
+    "wschat-share": _wschat(*WSCHAT),
+    "wschat-no-fast-write": _wschat(*WSCHAT, *NO_SHARE, "--no-fast-write"),
     "wschat-prefixed": _wschat("--format", "prefixed", "--no-message-log"),
     "wschat-log": _wschat("--format", "raw"),
     "wschat-quiet": _wschat("--format", "raw", "--no-message-log", "--no-connection-log"),
@@ -90,6 +124,110 @@ SERVERS: dict[str, Callable[[int, str], list[str]]] = {
 }
 DEFAULT_SERVERS = [s for s in SERVERS if s != "wschat-no-fast-write"]
 
+#: The scenarios ``--load c`` drives with loadgen; the others need wschat.bench's latency.
+LOADGEN_SCENARIOS = ("saturated", "idle")
+
+#: Above this share of its core, or of the measured time waiting for one, a figure is doubted.
+BUSY = 0.9
+
+
+def buildLoadgen(into: str) -> str:
+    """Compile ``loadgen.c`` into the folder ``into`` with ``gcc -O2``; the executable's path."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise SystemExit(
+            "compare: gcc is needed to build the load generator benchmarks/loadgen.c "
+            "(install gcc, or drive every scenario with --load python)"
+        )
+    binary = os.path.join(into, "loadgen")
+    done = subprocess.run(
+        [gcc, "-O2", "-Wall", "-Wextra", "-o", binary, str(HERE / "loadgen.c")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"compare: gcc could not build loadgen.c:\n{done.stderr}")
+    return binary
+
+
+def _sample(pid: int) -> dict[str, Any]:
+    return {
+        "time": time.monotonic(),
+        "cpu": processCpuSeconds(pid),
+        "wait": processWaitSeconds(pid),
+        "rss": processRssBytes(pid),
+    }
+
+
+def driveLoadgen(
+    command: list[str], pid: int, timeout: float, quiet: bool = False
+) -> dict[str, Any]:
+    """
+    Run loadgen (``command``) against the server process ``pid``; its JSON result, with the
+    server's CPU share and wait (load) or RSS per connection (idle) over the window loadgen
+    announces on stderr (``loadgen: window-start`` / ``window-end``), read when it says so.
+    """
+    before = _sample(pid)
+    edges: dict[str, dict[str, Any]] = {}
+    tool = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        tool.kill()
+
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.start()
+    try:
+        assert tool.stderr is not None and tool.stdout is not None
+        for raw in tool.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if line.startswith("loadgen: window-"):
+                edges[line.removeprefix("loadgen: window-")] = _sample(pid)
+            elif not quiet:
+                sys.stderr.write(line + "\n")
+        out = tool.stdout.read()
+        code = tool.wait()
+    finally:
+        watchdog.cancel()
+        if tool.poll() is None:
+            tool.kill()
+            tool.wait()
+    if expired.is_set():
+        raise subprocess.TimeoutExpired(command, timeout)
+    if code != 0:
+        raise RuntimeError(f"loadgen exited with status {code}")
+    result: dict[str, Any] = json.loads(out)
+    warnings: list[str] = result["warnings"]
+    start, end = edges.get("start"), edges.get("end")
+    if start is None or end is None:
+        raise RuntimeError("loadgen did not announce its measured window")
+    span = end["time"] - start["time"]
+    if result["mode"] == "idle":
+        if before["rss"] is not None and end["rss"] is not None and result["connected"]:
+            result["server_rss_before"] = before["rss"]
+            result["server_rss_open"] = start["rss"]
+            result["server_rss_end"] = end["rss"]
+            result["rss_per_connection"] = round(
+                (end["rss"] - before["rss"]) / result["connected"], 1
+            )
+        return result
+    if start["cpu"] is not None and end["cpu"] is not None:
+        result["server_cpu"] = round(cpuShare(end["cpu"] - start["cpu"], span), 3)
+    if start["wait"] is not None and end["wait"] is not None:
+        result["server_cpu_wait"] = round(cpuShare(end["wait"] - start["wait"], span), 3)
+        if result["server_cpu_wait"] > NOISY:
+            warnings.append(
+                f"the server waited for a CPU {result['server_cpu_wait']:.0%} of the time: the "
+                "machine is busy with other work, so these figures are noisy"
+            )
+    if "server_cpu" in result and result["server_cpu"] + result.get("server_cpu_wait", 0) < BUSY:
+        warnings.append(
+            f"the server used only {result['server_cpu']:.0%} CPU: it was not saturated"
+        )
+    return result
+
 
 def runBench(
     name: str,
@@ -97,8 +235,12 @@ def runBench(
     logdir: str,
     benchArgs: list[str],
     timeout: float,
+    loadgen: str | None = None,
 ) -> dict[str, Any]:
-    """Start server ``name`` on core 0, run the bench on core 1 against it, stop the server."""
+    """
+    Start server ``name`` on core 0, run the load against it on core 1 (the ``loadgen``
+    executable when given, else ``python -m wschat.bench``), stop the server.
+    """
     port = freePort()
     command = SERVERS[name](port, logdir)
     out = open(Path(logdir) / f"{name}-{port}.out", "wb")  # noqa: SIM115
@@ -112,6 +254,10 @@ def runBench(
     try:
         waitListening(port, proc, 30)
         time.sleep(0.5)  # let the server finish starting before measuring its RSS
+        url = f"{name}=ws://127.0.0.1:{port}/"
+        if loadgen is not None:
+            pinned = [*args.priority, "taskset", "-c", args.bench_cpu, loadgen]
+            return driveLoadgen([*pinned, *benchArgs, "--url", url], proc.pid, timeout, args.quiet)
         bench = [
             *args.priority,
             "taskset",
@@ -122,7 +268,7 @@ def runBench(
             "wschat.bench",
             *benchArgs,
             "--url",
-            f"{name}=ws://127.0.0.1:{port}/",
+            url,
             "--pid",
             str(proc.pid),
             "--json",
@@ -240,6 +386,24 @@ def table(
     return "\n".join(lines)
 
 
+def generators(results: dict[str, dict[str, list[dict[str, Any]]]], servers: list[str]) -> str:
+    """Which tool drove each scenario, and the load generator's own CPU share under load."""
+    lines = []
+    for scenario, runs in results[servers[0]].items():
+        tools = {r.get("tool", "wschat.bench") for r in runs if "error" not in r}
+        if not tools:
+            continue
+        line = f"{scenario}: driven by {', '.join(sorted(tools))}"
+        if scenario != "idle":
+            shares = []
+            for name in servers:
+                got = [r.get("bench_cpu") for r in results[name][scenario] if "error" not in r]
+                shares.append(f"{name} " + " / ".join(fmt(v, "pct") for v in got))
+            line += "; its CPU share (of its core(s)): " + ", ".join(shares)
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def problems(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str]:
     found = []
     for name, byScenario in results.items():
@@ -276,6 +440,13 @@ def main() -> None:
     parser.add_argument("--json", help="write every run's result here")
     parser.add_argument("--quiet", action="store_true", help="no progress lines from the bench")
     parser.add_argument(
+        "--load",
+        choices=("c", "python"),
+        default="c",
+        help="what drives saturated and idle: c = benchmarks/loadgen.c (built with gcc), "
+        "python = python -m wschat.bench (moderate and sweep always use wschat.bench)",
+    )
+    parser.add_argument(
         "--before",
         metavar="TWISTD",
         help="also know the server wschat-before: wschat run by this twistd "
@@ -287,7 +458,8 @@ def main() -> None:
         twistd = shutil.which(args.before)
         if twistd is None:
             parser.error(f"--before {args.before!r}: no such executable")
-        SERVERS["wschat-before"] = _wschat(*WSCHAT, twistd=os.path.abspath(twistd))
+        twistd = os.path.abspath(twistd)
+        SERVERS["wschat-before"] = _wschat(*WSCHAT, *knownOptions(twistd, NO_SHARE), twistd=twistd)
     servers = [s for s in args.servers.split(",") if s]
     unknown = [s for s in servers if s not in SERVERS]
     if unknown:
@@ -310,12 +482,14 @@ def main() -> None:
     runTimeout = args.duration + args.warmup + 180
     sweepResults: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="wschat-compare-") as logdir:
+        loadgen = buildLoadgen(logdir) if args.load == "c" else None
         for rep in range(args.repeat):
             for scenario in wanted:
+                tool = loadgen if scenario in LOADGEN_SCENARIOS else None
                 # Alternate: every server runs this scenario before any runs the next one.
                 for name in servers:
                     sys.stderr.write(f"== repetition {rep + 1}: {scenario} on {name}\n")
-                    r = runBench(name, args, logdir, all_[scenario], runTimeout)
+                    r = runBench(name, args, logdir, all_[scenario], runTimeout, tool)
                     results[name][scenario].append(r)
                     if "error" in r:
                         sys.stderr.write(f"   FAILED: {r['error']}\n")
@@ -339,6 +513,8 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"scenarios": results, "sweep": sweepResults}, f, indent=2)
     print(table(results, servers, args.clients))
+    print()
+    print(generators(results, servers))
     found = problems(results)
     if found:
         print("\nWarnings:")

@@ -42,7 +42,7 @@ class RecordingSocket:
         return b"".join(bytes(d) for d in self.sends)
 
 
-def stubTransport() -> Any:
+def stubTransport(socket: Any = None) -> Any:
     """A plain TCP transport, as the writer sees it, with nothing queued."""
     t: Any = object.__new__(tcp.Server)
     t.dataBuffer = b""
@@ -52,7 +52,7 @@ def stubTransport() -> Any:
     t.disconnecting = False
     t._writeDisconnected = False
     t.connected = True
-    t.socket = RecordingSocket()
+    t.socket = socket or RecordingSocket()
     t.producer = None
     return t
 
@@ -67,9 +67,11 @@ class Room:
         self.server.room.turns = self.turns
         self.count = 0
 
-    def member(self) -> ChatServerProtocol:
+    def member(self, socket: Any = None) -> ChatServerProtocol:
         p: ChatServerProtocol = self.server.factory.buildProtocol(None)
-        p.transport = fastwrite.wrap(stubTransport(), self.turns)
+        transport = stubTransport(socket)
+        transport.reactor = self.clock  # where a write that waits registers the socket
+        p.transport = fastwrite.wrap(transport, self.turns)
         p._connectionMade()  # Autobahn's connection state, without a handshake
         p.closeHandshakeTimeout = 0  # no timer on the global reactor for a closed member
         p.state = WebSocketProtocol.STATE_OPEN
@@ -174,6 +176,55 @@ def test_a_member_paused_mid_turn_gets_the_frames_one_by_one_and_counted():
     assert slow._unsent == sum(len(f) for f in frames)
     assert sock(slow).received() == b"".join(frames)
     assert sock(fast).sends == [b"".join(frames)]
+
+
+class ShortSocket(RecordingSocket):
+    """Takes ``limit`` bytes of its first send, then everything; or fails with ``error``."""
+
+    def __init__(self, limit: int | None = None, error: OSError | None = None) -> None:
+        super().__init__()
+        self.limit = limit
+        self.error = error
+
+    def send(self, data: Any) -> int:
+        if self.error is not None:
+            raise self.error
+        if self.limit is not None:
+            data, self.limit = data[: self.limit], None
+        return super().send(data)
+
+
+def test_a_partial_shared_send_queues_the_rest_in_order():
+    """
+    When the kernel takes only part of a member's shared buffer, the rest goes to the
+    transport's own buffer, and what is written next goes behind it.
+    """
+    room = Room()
+    short, other = room.member(ShortSocket(limit=5)), room.member()
+    room.busy()
+    frames = [room.broadcast(b"first"), room.broadcast(b"second")]
+    room.endTurn()
+    whole = b"".join(frames)
+    assert sock(short).received() == whole[:5]
+    tcpTransport: Any = short.transport.transport  # type: ignore[union-attr]
+    assert tcpTransport.dataBuffer + b"".join(tcpTransport._tempDataBuffer) == whole[5:]
+    assert short.transport.dirty  # type: ignore[union-attr]
+    assert sock(other).sends == [whole]
+
+
+def test_a_socket_error_in_a_shared_send_leaves_the_bytes_to_twisted():
+    """
+    A socket error (a reset) during the shared send hands the bytes to the transport, so that
+    Twisted meets the error in its own write and closes the connection its usual way.
+    """
+    room = Room()
+    broken, other = room.member(ShortSocket(error=ConnectionResetError())), room.member()
+    room.busy()
+    frames = [room.broadcast(b"first"), room.broadcast(b"second")]
+    room.endTurn()
+    queued = broken.transport.transport._tempDataBuffer  # type: ignore[union-attr]
+    assert b"".join(queued) == b"".join(frames)
+    assert sock(other).sends == [b"".join(frames)]
 
 
 def closingCount(busy: bool) -> tuple[int, int]:

@@ -255,6 +255,7 @@ class SharedFrames:
         parts = self.parts
         data = parts[0] if count == 1 else b"".join(parts)
         self.frames, self.parts, self.ends, self.size = [], [], [], 0
+        size = len(data)
         turn = self.turn
         view = memoryview(data)
         for member, writer in tuple(self.members.items()):
@@ -263,11 +264,25 @@ class SharedFrames:
                 continue
             writer.sharedTurn = turn
             writer.sharedStart = count
-            if member.takesShared():
-                writer.sendShared(data if start == 0 else view[ends[start - 1] :])
-            else:
+            if not member.takesShared():
                 for frame in frames[start:]:
                     member.deliver(frame)
+            elif start or writer.dirty:
+                writer.sendShared(data if start == 0 else view[ends[start - 1] :])
+            else:
+                # The common case, :meth:`FastTransport.sendShared` and :func:`sendOrQueue`
+                # written out: this loop runs once per member per busy turn.
+                try:
+                    sent = writer._send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    sent = -1
+                if sent != size:
+                    # What the kernel did not take (all of it after a socket error, which
+                    # Twisted then meets in its own doWrite) goes behind, as sendOrQueue does.
+                    writer.transport.write(data[max(sent, 0) :])
+                    writer.dirty = True
 
 
 def wrap(transport: Any, turns: Turns) -> Any:
