@@ -27,8 +27,10 @@ The opening handshake
     same ``onConnect`` request, the same 101 response bytes, the same ``onOpen``. It skips what
     that path costs beyond the answer: parsing the head again, eager debug-log arguments, and
     the Deferred round trip around ``onConnect``. It takes only a plain request (GET,
-    HTTP/1.1, version 13, one valid key, one Host, CRLF line ends, no extension offer, an
-    origin Autobahn would allow, a protocol whose ``onConnect`` answers at once): anything
+    HTTP/1.1, version 13, one valid key, one Host, CRLF line ends, an origin Autobahn would
+    allow, a protocol whose ``onConnect`` answers at once, and no extension offer unless
+    Autobahn would decline them all: compression off, and every offer one that Autobahn's
+    own parsers read without error, as a browser's ``permessage-deflate`` is): anything
     else, and every request on an Autobahn version these rules were not checked against
     (:data:`PINNED`), goes through Autobahn's own handshake, so its errors and statuses are
     Autobahn's. (One difference: bytes a client sends in the same read as its head are
@@ -171,10 +173,33 @@ _NEEDED = (
     "WebSocketServerProtocol",
     "TrafficStats",
     "Utf8Validator",
+    "PERMESSAGE_COMPRESSION_EXTENSION",
 )
 
 #: Whether this Autobahn is one :func:`openHandshake` may stand in for.
-ENABLED = autobahn.__version__ in PINNED and all(hasattr(_ab, name) for name in _NEEDED)
+ENABLED = (
+    autobahn.__version__ in PINNED
+    and all(hasattr(_ab, name) for name in _NEEDED)
+    and hasattr(_ab.WebSocketProtocol, "_parseExtensionsHeader")
+)
+
+
+def _declineAllCode() -> types.CodeType | None:
+    """
+    The code of Autobahn's default ``perMessageCompressionAccept`` (``lambda _: None``, made
+    anew for each factory by ``resetProtocolOptions``), which declines every compression
+    offer; None if there is not exactly one such function there.
+    """
+    reset = getattr(_ab.WebSocketServerFactory, "resetProtocolOptions", None)
+    code = getattr(reset, "__code__", None)
+    if code is None:
+        return None
+    found = [c for c in code.co_consts if isinstance(c, types.CodeType) and c.co_name == "<lambda>"]
+    return found[0] if len(found) == 1 else None
+
+
+#: A connection whose ``perMessageCompressionAccept`` runs this code has compression off.
+_DECLINE_ALL = _declineAllCode() if ENABLED else None
 
 _CONNECTING = _ab.WebSocketProtocol.STATE_CONNECTING
 _OPEN = _ab.WebSocketProtocol.STATE_OPEN
@@ -186,11 +211,14 @@ _LINE_BREAKS = re.compile(rb"[\x0b\x0c\x1c-\x1e\x85]")
 
 _KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/")
 
-#: Request headers that, present at all, send the request to Autobahn's handshake.
-_TO_AUTOBAHN = (b"sec-websocket-extensions",)
-
 #: Request headers the lean handshake reads, each of which may appear once only.
-_ONCE = (b"host", b"sec-websocket-version", b"sec-websocket-key", b"origin")
+_ONCE = (
+    b"host",
+    b"sec-websocket-version",
+    b"sec-websocket-key",
+    b"origin",
+    b"sec-websocket-extensions",
+)
 
 
 #: What Autobahn's ``_connectionMade`` sets on every server connection, and to what (apart
@@ -285,6 +313,30 @@ def _hasToken(value: str, token: str) -> bool:
     return False
 
 
+def _declinedExtensions(protocol: Any, value: str) -> list[Any] | None:
+    """
+    The extensions a ``Sec-WebSocket-Extensions`` header ``value`` offers, as Autobahn's
+    ``processHandshake`` parses them (``(name, params)`` pairs), if Autobahn's
+    ``succeedHandshake`` would decline them all and answer without any: ``protocol`` has
+    compression off (Autobahn's default ``perMessageCompressionAccept``) and each
+    ``permessage-*`` offer is one Autobahn's own parser for it reads without error (an offer
+    it cannot read fails Autobahn's handshake). None otherwise: Autobahn's handshake is for
+    that request (its negotiation, its errors).
+    """
+    accept = protocol.perMessageCompressionAccept
+    if _DECLINE_ALL is None or getattr(accept, "__code__", None) is not _DECLINE_ALL:
+        return None
+    try:
+        extensions: list[Any] = protocol._parseExtensionsHeader(value)
+        for name, params in extensions:
+            pmce: Any = _ab.PERMESSAGE_COMPRESSION_EXTENSION.get(name)
+            if pmce is not None:
+                pmce["Offer"].parse(params)
+    except Exception:
+        return None
+    return extensions
+
+
 def openHandshake(
     protocol: Any, head: bytes, fields: dict[bytes, list[bytes]], rest: bytes = b""
 ) -> bool:
@@ -321,9 +373,6 @@ def openHandshake(
         or _LINE_BREAKS.search(head) is not None
     ):
         return False
-    for name in _TO_AUTOBAHN:
-        if name in fields:
-            return False
     for name in _ONCE:
         if len(fields.get(name, ())) > 1:
             return False
@@ -389,6 +438,12 @@ def openHandshake(
     key = headers.get("sec-websocket-key")
     if key is None or len(key) != 24 or key[-2:] != "==" or not _KEY_CHARS.issuperset(key[:-2]):
         return False
+    extensions: list[Any] = []
+    if "sec-websocket-extensions" in headers:
+        declined = _declinedExtensions(protocol, headers["sec-websocket-extensions"])
+        if declined is None:
+            return False
+        extensions = declined
 
     # What processHandshake keeps, in its order.
     protocol.trafficStats.preopenIncomingOctetsWireLevel += len(head)
@@ -402,10 +457,18 @@ def openHandshake(
     protocol.websocket_version = 13
     protocol.websocket_protocols = protocols
     protocol.websocket_origin = origin
-    protocol.websocket_extensions = []
+    protocol.websocket_extensions = extensions
     protocol._wskey = key
     request = ConnectionRequest(
-        protocol.peer, headers, host, path, protocol.http_request_params, 13, origin, protocols, []
+        protocol.peer,
+        headers,
+        host,
+        path,
+        protocol.http_request_params,
+        13,
+        origin,
+        protocols,
+        extensions,
     )
     try:
         answer = protocol.onConnect(request)
@@ -431,7 +494,7 @@ def openHandshake(
 
 
 def _succeed(protocol: Any, answer: Any) -> None:
-    """What Autobahn's ``succeedHandshake`` does when no extension was offered."""
+    """What Autobahn's ``succeedHandshake`` does when it agrees to no extension."""
     subprotocol = None
     extra: dict[str, Any] = {}
     if type(answer) is tuple:
