@@ -169,6 +169,19 @@ def head(*lines: str, target: str = "/", key: str = KEY, version: str = "13") ->
     ).encode("latin-1")
 
 
+#: The extension offers browsers send on every handshake.
+CHROMIUM_OFFER = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
+FIREFOX_OFFER = "Sec-WebSocket-Extensions: permessage-deflate"
+#: Several offers in one header, with parameters, quotes and an extension nobody implements.
+MANY_OFFERS = (
+    "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover;"
+    ' client_max_window_bits="10", permessage-deflate; client_max_window_bits,'
+    " x-webkit-deflate-frame, permessage-bzip2"
+)
+#: An offer Autobahn's parser refuses (a window size out of range): Autobahn fails that handshake.
+MALFORMED_OFFER = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits=99"
+
+
 def daemonOn(clock, **options):
     """A daemon's server object on ``clock`` (with history, unless ``options`` say)."""
     return ChatServer(reactor=clock, **{"history": 100, **options})
@@ -249,6 +262,11 @@ def same(a, b, depth=0):
         head("X-Forwarded-For: 203.0.113.7"),
         head().replace(b"Connection: Upgrade", b"Connection: keep-alive, UPGRADE"),
         head().replace(b"Upgrade: websocket", b"Upgrade: WebSocket"),
+        head(CHROMIUM_OFFER),
+        head(FIREFOX_OFFER, "Sec-WebSocket-Protocol: wschat.json"),
+        head(MANY_OFFERS),
+        head("Sec-WebSocket-Extensions: x-unknown; a=1"),
+        head("Sec-WebSocket-Extensions: "),
     ],
 )
 def test_lean_handshake_opens_the_connection_autobahn_would(request_):
@@ -288,7 +306,9 @@ def test_lean_handshake_reads_the_since_query():
 @pytest.mark.parametrize(
     "request_",
     [
-        head("Sec-WebSocket-Extensions: permessage-deflate"),
+        head(MALFORMED_OFFER),
+        head("Sec-WebSocket-Extensions: permessage-deflate; bogus_parameter"),
+        head(FIREFOX_OFFER, FIREFOX_OFFER),
         head(version="8"),
         head(version="12"),
         head(key="short=="),
@@ -352,12 +372,91 @@ async def test_a_plain_upgrade_takes_the_lean_path(daemon):
         await client.closed
 
 
-@pytest.mark.parametrize("request_", [head(version="12"), head(key="short==")])
+def test_browser_offers_are_declined_as_autobahn_declines_them():
+    """
+    With compression off, a browser's permessage-deflate offer is parsed as Autobahn parses
+    it, handed to onConnect, and answered without an extension.
+    """
+    (protocol, response), (abProtocol, _) = openBoth(head(CHROMIUM_OFFER))
+    assert protocol.websocket_extensions == [
+        ("permessage-deflate", {"client_max_window_bits": [True]})
+    ]
+    assert protocol.websocket_extensions == abProtocol.websocket_extensions
+    assert protocol.websocket_extensions_in_use == [] and protocol._perMessageCompress is None
+    assert b"sec-websocket-extensions" not in response.lower()
+
+
+def test_a_malformed_offer_gets_autobahns_answer():
+    """
+    With compression off, an offer Autobahn's parser refuses is left to Autobahn, which fails
+    the handshake with its own 400.
+    """
+    request = head(MALFORMED_OFFER)
+    clock = MemoryReactorClock()
+    with replace_loop(clock):
+        server = daemonOn(clock)
+        protocol, transport = connection(server)
+        assert not lean.openHandshake(protocol, request, headerFields(request[:-4]))
+        protocol.dataReceived(request)
+    assert transport.value().startswith(b"HTTP/1.1 400 ")
+    assert b"client_max_window_bits" in transport.value()
+    assert protocol.state != WebSocketProtocol.STATE_OPEN
+    assert server.factory.leanHandshakes == 0
+
+
+@pytest.mark.parametrize("offer", [FIREFOX_OFFER, CHROMIUM_OFFER, MANY_OFFERS])
+def test_with_compression_on_offers_go_to_autobahn(offer):
+    """With compression on, every offer is negotiated by Autobahn: deflate is agreed."""
+    request = head(offer)
+    clock = MemoryReactorClock()
+    with replace_loop(clock):
+        server = daemonOn(clock, compression=True)
+        protocol, transport = connection(server)
+        before = dict(vars(protocol))
+        assert not lean.openHandshake(protocol, request, headerFields(request[:-4]))
+        assert vars(protocol) == before and transport.value() == b""
+        protocol.dataReceived(request)
+        clock.advance(0)
+    assert protocol.state == WebSocketProtocol.STATE_OPEN
+    assert protocol._perMessageCompress is not None
+    assert b"\r\nSec-WebSocket-Extensions: permessage-deflate" in transport.value()
+    assert server.factory.leanHandshakes == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deflate_offer_takes_the_lean_path_with_compression_off(daemon):
+    """
+    Over TCP, a client offering permessage-deflate to a daemon with compression off is
+    answered the lean way, without compression, and relays.
+    """
+    service, url = daemon("--format", "raw", "--welcome", "")
+    factory = QueueClientFactory(url)
+    factory.setProtocolOptions(
+        perMessageCompressionOffers=[PerMessageDeflateOffer()],
+        perMessageCompressionAccept=PerMessageDeflateResponseAccept,
+    )
+    connectWS(factory)
+    client = await factory.opened
+    try:
+        (member,) = list(service.room)
+        assert service.factory.leanHandshakes == 1
+        assert member.websocket_extensions and not member.websocket_extensions_in_use
+        assert not client.websocket_extensions_in_use
+        client.sendText("plain")
+        assert await client.nextText() == "plain"
+    finally:
+        client.sendClose(1000)
+        await client.closed
+
+
+@pytest.mark.parametrize(
+    "request_", [head(version="12"), head(key="short=="), head(MALFORMED_OFFER)]
+)
 @pytest_twisted.ensureDeferred
 async def test_fallbacks_get_autobahns_exact_answer(daemon, request_):
     """
-    Over TCP, a bad version or key goes through Autobahn's handshake: the daemon's answer is
-    Autobahn's error response, byte for byte.
+    Over TCP, a bad version, key or extension offer goes through Autobahn's handshake: the
+    daemon's answer is Autobahn's error response, byte for byte.
     """
     service, url = daemon("--welcome", "")
     answer = await rawExchange(url, request_)
