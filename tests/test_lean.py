@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketServerProtocol, connectWS
 from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponseAccept
 from autobahn.websocket.protocol import WebSocketProtocol
+from browser import TIMEOUT, launchChromium
+from playwright.sync_api import sync_playwright
 from rawws import rawExchange
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
@@ -16,6 +20,7 @@ from txaio.testutil import replace_loop
 
 from wschat import lean
 from wschat.dispatch import headerFields
+from wschat.handshake import OriginPolicy
 from wschat.history import Position
 from wschat.protocol import ChatServerProtocol
 from wschat.server import ChatServer
@@ -384,6 +389,48 @@ def test_browser_offers_are_declined_as_autobahn_declines_them():
     assert protocol.websocket_extensions == abProtocol.websocket_extensions
     assert protocol.websocket_extensions_in_use == [] and protocol._perMessageCompress is None
     assert b"sec-websocket-extensions" not in response.lower()
+
+
+def chromiumsHead() -> bytes:
+    """The opening handshake head real Chromium sends for ``new WebSocket(...)``."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(TIMEOUT)
+        port = listener.getsockname()[1]
+        with sync_playwright() as playwright:
+            browser = launchChromium(playwright)
+            try:
+                page = browser.new_page()
+                page.set_content(f"<script>new WebSocket('ws://127.0.0.1:{port}/')</script>")
+                peer, _ = listener.accept()
+                with peer:
+                    peer.settimeout(TIMEOUT)
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        chunk = peer.recv(4096)
+                        assert chunk, data
+                        data += chunk
+            finally:
+                browser.close()
+    return data
+
+
+def test_chromiums_handshake_takes_the_lean_path():
+    """
+    Real Chromium's handshake (its permessage-deflate offer included) is answered the lean
+    way, leaving the state and 101 bytes Autobahn's handshake would.
+    """
+    request = chromiumsHead()
+    assert b"\r\nSec-WebSocket-Extensions: permessage-deflate" in request
+    # The page (set by content, no URL) has the null origin: allowed here.
+    (leanProtocol, leanResponse), (abProtocol, abResponse) = openBoth(
+        request, origins=OriginPolicy.fromList(["null"])
+    )
+    assert leanResponse.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert leanResponse.partition(b"\r\n\r\n")[0] == abResponse.partition(b"\r\n\r\n")[0]
+    assert leanProtocol.websocket_extensions and not leanProtocol.websocket_extensions_in_use
+    leanVars, abVars = vars(leanProtocol), vars(abProtocol)
+    assert leanVars.keys() == abVars.keys()
+    assert {name for name in leanVars if not same(leanVars[name], abVars[name])} == {"transport"}
 
 
 def test_a_malformed_offer_gets_autobahns_answer():
