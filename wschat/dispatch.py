@@ -114,12 +114,8 @@ def isWebSocketUpgrade(head: bytes) -> bool:
     """
     Whether an HTTP request head (request line and headers) asks to upgrade to WebSocket.
     """
-    for line in head.split(b"\r\n")[1:]:
-        name, colon, value = line.partition(b":")
-        if colon and name.strip().lower() == b"upgrade":
-            if any(token.strip() == b"websocket" for token in value.lower().split(b",")):
-                return True
-    return False
+    fields = headerFields(head)
+    return fields is not None and upgradeAsked(fields)
 
 
 class Deadlines:
