@@ -6,9 +6,8 @@ import socket
 
 import pytest
 import pytest_twisted
-from autobahn.twisted.websocket import WebSocketServerProtocol, connectWS
+from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket import protocol as autobahn_protocol
-from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponseAccept
 from autobahn.websocket.protocol import WebSocketProtocol
 from browser import TIMEOUT, launchChromium
 from playwright.sync_api import sync_playwright
@@ -24,7 +23,7 @@ from wschat.handshake import OriginPolicy
 from wschat.history import Position
 from wschat.protocol import ChatServerProtocol
 from wschat.server import ChatServer
-from wschat.testing import QueueClientFactory, connect
+from wschat.testing import connect
 from wschat.wire import Format
 
 
@@ -477,13 +476,7 @@ async def test_a_deflate_offer_takes_the_lean_path_with_compression_off(daemon):
     answered the lean way, without compression, and relays.
     """
     service, url = daemon("--format", "raw", "--welcome", "")
-    factory = QueueClientFactory(url)
-    factory.setProtocolOptions(
-        perMessageCompressionOffers=[PerMessageDeflateOffer()],
-        perMessageCompressionAccept=PerMessageDeflateResponseAccept,
-    )
-    connectWS(factory)
-    client = await factory.opened
+    client = await connect(url, offerDeflate=True)
     try:
         (member,) = list(service.room)
         assert service.factory.leanHandshakes == 1
@@ -519,13 +512,7 @@ async def test_fallbacks_get_autobahns_exact_answer(daemon, request_):
 async def test_a_compression_offer_goes_through_autobahn(daemon):
     """With compression on, a client offering permessage-deflate gets it, from Autobahn."""
     service, url = daemon("--compression", "--format", "raw", "--welcome", "")
-    factory = QueueClientFactory(url)
-    factory.setProtocolOptions(
-        perMessageCompressionOffers=[PerMessageDeflateOffer()],
-        perMessageCompressionAccept=PerMessageDeflateResponseAccept,
-    )
-    connectWS(factory)
-    client = await factory.opened
+    client = await connect(url, offerDeflate=True)
     try:
         (member,) = list(service.room)
         assert member.websocket_extensions_in_use and client.websocket_extensions_in_use

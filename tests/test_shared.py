@@ -9,12 +9,6 @@ import json as jsonlib
 from typing import Any
 
 import pytest_twisted
-from autobahn.twisted.websocket import connectWS
-from autobahn.websocket.compress import (
-    PerMessageDeflateOffer,
-    PerMessageDeflateResponse,
-    PerMessageDeflateResponseAccept,
-)
 from autobahn.websocket.protocol import WebSocketProtocol
 from tlsfiles import makeTLSFiles
 from twisted.internet import defer, ssl, tcp
@@ -24,7 +18,7 @@ from wschat import fastwrite
 from wschat.limits import Limits
 from wschat.protocol import ChatServerProtocol
 from wschat.server import ChatServer
-from wschat.testing import QueueClientFactory, QueueClientProtocol, connect
+from wschat.testing import connect
 from wschat.wire import Format, Message
 
 
@@ -273,22 +267,6 @@ def test_no_fast_write_room_delivers_one_by_one():
     assert sock(p).received() == frame
 
 
-async def connectDeflating(url: str) -> QueueClientProtocol:
-    """A client that offers (and requires) permessage-deflate."""
-    factory = QueueClientFactory(url)
-
-    def accept(response: PerMessageDeflateResponse) -> PerMessageDeflateResponseAccept:
-        return PerMessageDeflateResponseAccept(response)
-
-    factory.setProtocolOptions(
-        perMessageCompressionOffers=[PerMessageDeflateOffer()],
-        perMessageCompressionAccept=accept,
-    )
-    connectWS(factory)
-    client: QueueClientProtocol = await factory.opened
-    return client
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_mixed_room_gets_every_message_in_one_order(daemon, tmp_path):
     """
@@ -314,7 +292,7 @@ async def test_a_mixed_room_gets_every_message_in_one_order(daemon, tmp_path):
     plain = [await connect(url) for _ in range(3)]
     json = await connect(url, protocols=["wschat.json"])
     secure = await connect(f"wss://127.0.0.1:{tlsPort}", contextFactory=trust)
-    deflating = await connectDeflating(url)
+    deflating = await connect(url, offerDeflate=True)
     assert deflating.websocket_extensions_in_use
     members = list(service.room)
     shared = [m for m in members if getattr(m.transport, "shared", None) is not None]

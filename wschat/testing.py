@@ -21,6 +21,7 @@ from autobahn.twisted.websocket import (
     WebSocketClientProtocol,
     connectWS,
 )
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponseAccept
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
@@ -88,14 +89,21 @@ class QueueClientFactory(WebSocketClientFactory):
 
 
 def connect(
-    url: str, contextFactory: Any = None, **factoryOptions: Any
+    url: str, contextFactory: Any = None, offerDeflate: bool = False, **factoryOptions: Any
 ) -> defer.Deferred[QueueClientProtocol]:
     """
     Open a real WebSocket connection to ``url``; fires with the open protocol.
 
-    The greeting, if the daemon sends one, is the first message in its queue.
+    The greeting, if the daemon sends one, is the first message in its queue. With
+    ``offerDeflate`` the client offers permessage-deflate, as browsers do, and takes it if the
+    daemon agrees (``--compression``).
     """
     factory = QueueClientFactory(url, **factoryOptions)
+    if offerDeflate:
+        factory.setProtocolOptions(
+            perMessageCompressionOffers=[PerMessageDeflateOffer()],
+            perMessageCompressionAccept=PerMessageDeflateResponseAccept,
+        )
     connectWS(factory, contextFactory)
     return factory.opened
 
