@@ -23,7 +23,7 @@ import urllib.request
 from children import freePort, quietTwistd, stop, waitListening
 from mass_reconnect import JSON_HEADER, rssKiB
 
-from wschat.bench.frames import OP_TEXT, Frames, clientFrame, handshakeResponse, openingHandshake
+from wschat.bench.frames import OP_TEXT, RawWebSocket, clientFrame
 
 CASES = [
     # (--history, --history-bytes, payload bytes, messages sent)
@@ -35,41 +35,25 @@ CASES = [
 ]
 
 
-class Counter(asyncio.Protocol):
+class Counter(RawWebSocket):
     """Counts the text messages it receives; fires ``done`` at ``want``."""
 
     def __init__(self, host: str, headers: list[str]) -> None:
-        self.host = host
-        self.headers = headers
-        self.open = False
-        self.buf = b""
-        self.frames = Frames()
+        super().__init__(host, "/", headers)
         self.count = 0
         self.want = -1
         loop = asyncio.get_running_loop()
         self.ready = loop.create_future()
         self.done = loop.create_future()
-        self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(openingHandshake(self.host, "/", self.headers))
+    def opened(self) -> None:
+        self.ready.set_result(None)
 
-    def data_received(self, data: bytes) -> None:
-        if not self.open:
-            done, rest = handshakeResponse(self.buf + data)
-            if not done:
-                self.buf = rest
-                return
-            self.open = True
-            self.ready.set_result(None)
-            data = rest
-        for opcode, _ in self.frames.feed(data):
-            if opcode == OP_TEXT:
-                self.count += 1
-        if self.count >= self.want >= 0 and not self.done.done():
-            self.done.set_result(None)
+    def frameReceived(self, opcode: int, payload: bytes) -> None:
+        if opcode == OP_TEXT:
+            self.count += 1
+            if self.count >= self.want >= 0 and not self.done.done():
+                self.done.set_result(None)
 
 
 def historyGauges(port: int) -> tuple[float, float]:

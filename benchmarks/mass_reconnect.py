@@ -24,7 +24,7 @@ from pathlib import Path
 
 from children import freePort, quietTwistd, stop, waitListening
 
-from wschat.bench.frames import OP_TEXT, Frames, clientFrame, handshakeResponse, openingHandshake
+from wschat.bench.frames import OP_TEXT, RawWebSocket, clientFrame, openingHandshake
 
 JSON_HEADER = "Sec-WebSocket-Protocol: wschat.json"
 PRESENCE = (b'{"type":"join"', b'{"type":"leave"')
@@ -37,37 +37,18 @@ def rssKiB(pid: int) -> int:
     return 0
 
 
-class Client(asyncio.Protocol):
+class Client(RawWebSocket):
     """One JSON client: its log of seqs across connections, and when it recovered."""
 
     def __init__(self, run: Run, query: str) -> None:
+        super().__init__(run.host, "/" + (f"?{query}" if query else ""), [JSON_HEADER])
         self.run = run
-        self.query = query
-        self.open = False
-        self.buf = b""
-        self.frames = Frames()
-        self.transport: asyncio.Transport | None = None
         self.ready = asyncio.get_running_loop().create_future()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        path = "/" + (f"?{self.query}" if self.query else "")
-        transport.write(openingHandshake(self.run.host, path, [JSON_HEADER]))
-
-    def data_received(self, data: bytes) -> None:
-        if not self.open:
-            done, rest = handshakeResponse(self.buf + data)
-            if not done:
-                self.buf = rest
-                return
-            self.open = True
-            self.buf = b""
-            data = rest
-        for opcode, payload in self.frames.feed(data):
-            # Presence events (every join and leave of the storm) are not what is measured.
-            if opcode == OP_TEXT and not payload.startswith(PRESENCE):
-                self.run.onObject(self, json.loads(payload))
+    def frameReceived(self, opcode: int, payload: bytes) -> None:
+        # Presence events (every join and leave of the storm) are not what is measured.
+        if opcode == OP_TEXT and not payload.startswith(PRESENCE):
+            self.run.onObject(self, json.loads(payload))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ready.done():

@@ -17,6 +17,7 @@ against servers that relay payloads unchanged and against servers that prefix th
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -335,3 +336,41 @@ def handshakeResponse(buf: bytes) -> tuple[bool, bytes]:
     if len(parts) < 2 or parts[1] != b"101":
         raise HandshakeError(f"server answered {status.decode('latin-1')!r}, not 101")
     return True, buf[end + 4 :]
+
+
+class RawWebSocket(asyncio.Protocol):
+    """
+    One raw WebSocket client connection for the benchmarks' own clients: it sends its opening
+    handshake, reads the 101, then hands each frame to :meth:`frameReceived`.
+    """
+
+    def __init__(self, hostHeader: str, path: str = "/", headers: Sequence[str] = ()) -> None:
+        self.request = openingHandshake(hostHeader, path, headers)
+        self.open = False
+        self._head = b""
+        self.frames = Frames()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.open:
+            done, rest = handshakeResponse(self._head + data)
+            if not done:
+                self._head = rest
+                return
+            self.open = True
+            self._head = b""
+            self.opened()
+            data = rest
+        for opcode, payload in self.frames.feed(data):
+            self.frameReceived(opcode, payload)
+
+    def opened(self) -> None:
+        """The server switched protocols."""
+
+    def frameReceived(self, opcode: int, payload: bytes) -> None:
+        """A frame arrived (after the handshake)."""
