@@ -832,7 +832,11 @@ class RoomReader:
         if isBinary:
             self.screen.showMessage(None, f"<{len(payload)} bytes of binary data>", None, False)
         elif self.json:
-            self._object(payload)
+            try:
+                obj = json.loads(payload)
+            except ValueError:
+                obj = None
+            self.receivedObject(obj, payload)
         else:
             self._plain(payload.decode("utf-8", "replace"))
 
@@ -844,9 +848,14 @@ class RoomReader:
             sender = match.group(1)
             self.screen.showMessage(sender, text[match.end() :], None, sender == self.you)
 
-    def _object(self, payload: bytes) -> None:
+    def receivedObject(self, obj: Any, payload: bytes) -> None:
+        """
+        A JSON payload, already parsed into ``obj`` (None if it is not JSON): shown as plain
+        text when it is not an object of a known shape.
+        """
         try:
-            obj = json.loads(payload)
+            if obj is None:
+                raise ValueError("not JSON")
             kind = obj["type"]
             when = _parseTime(obj.get("time"))
             if kind == "message":
@@ -920,7 +929,7 @@ class TerminalSession(ChatSession):
 
     def showObject(self, obj: dict[str, Any], payload: bytes) -> None:
         if self._shown() is not None and self.reader is not None:
-            self.reader.received(payload, False)
+            self.reader.receivedObject(obj, payload)
 
     def status(self, text: str) -> None:
         screen = self._shown()
