@@ -49,7 +49,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
-from wschat.client import ChatClientFactory, ChatClientProtocol, ChatSession, tlsOptions
+from wschat.client import (
+    ChatClientFactory,
+    ChatClientProtocol,
+    ChatSession,
+    stderrStatus,
+    tlsOptions,
+)
 from wschat.wire import JSON_SUBPROTOCOL, formatAddress
 
 # -- what a terminal shows
@@ -906,7 +912,7 @@ class TerminalSession(ChatSession):
     """
 
     def __init__(self, reactor: IReactorTime, maxPending: int = 1000, history: int = 0) -> None:
-        super().__init__(reactor, _stderrStatus, maxPending=maxPending, history=history)
+        super().__init__(reactor, stderrStatus, maxPending=maxPending, history=history)
         self.screen: ChatTerminal | None = None
         self.reader: RoomReader | None = None
 
@@ -961,11 +967,6 @@ class TerminalSession(ChatSession):
             json = connection.websocket_protocol_in_use == JSON_SUBPROTOCOL
             self.reader.connected(json, formatAddress(host) if host is not None else None)
         super().connected(connection)
-
-
-def _stderrStatus(text: str) -> None:
-    sys.stderr.write(f"wschat: {text}\n")
-    sys.stderr.flush()
 
 
 class TerminalMode:
