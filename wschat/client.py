@@ -923,7 +923,8 @@ class Options(usage.Options):
         self["host"] = host
 
 
-def _status(text: str) -> None:
+def stderrStatus(text: str) -> None:
+    """Show a status line on standard error: ``wschat: TEXT``."""
     sys.stderr.write(f"wschat: {text}\n")
     sys.stderr.flush()
 
@@ -948,7 +949,7 @@ async def run(reactor: Any, options: Options) -> None:
 
     session = ChatSession(
         reactor,
-        _status,
+        stderrStatus,
         maxPending=options["queue-size"],
         listenOnly=options["listen-only"],
         rawOutput=options["raw-output"],

@@ -49,7 +49,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
-from wschat.client import ChatClientFactory, ChatClientProtocol, ChatSession, tlsOptions
+from wschat.client import (
+    ChatClientFactory,
+    ChatClientProtocol,
+    ChatSession,
+    stderrStatus,
+    tlsOptions,
+)
 from wschat.wire import JSON_SUBPROTOCOL, formatAddress
 
 # -- what a terminal shows
@@ -832,7 +838,11 @@ class RoomReader:
         if isBinary:
             self.screen.showMessage(None, f"<{len(payload)} bytes of binary data>", None, False)
         elif self.json:
-            self._object(payload)
+            try:
+                obj = json.loads(payload)
+            except ValueError:
+                obj = None
+            self.receivedObject(obj, payload)
         else:
             self._plain(payload.decode("utf-8", "replace"))
 
@@ -844,9 +854,14 @@ class RoomReader:
             sender = match.group(1)
             self.screen.showMessage(sender, text[match.end() :], None, sender == self.you)
 
-    def _object(self, payload: bytes) -> None:
+    def receivedObject(self, obj: Any, payload: bytes) -> None:
+        """
+        A JSON payload, already parsed into ``obj`` (None if it is not JSON): shown as plain
+        text when it is not an object of a known shape.
+        """
         try:
-            obj = json.loads(payload)
+            if obj is None:
+                raise ValueError("not JSON")
             kind = obj["type"]
             when = _parseTime(obj.get("time"))
             if kind == "message":
@@ -897,7 +912,7 @@ class TerminalSession(ChatSession):
     """
 
     def __init__(self, reactor: IReactorTime, maxPending: int = 1000, history: int = 0) -> None:
-        super().__init__(reactor, _stderrStatus, maxPending=maxPending, history=history)
+        super().__init__(reactor, stderrStatus, maxPending=maxPending, history=history)
         self.screen: ChatTerminal | None = None
         self.reader: RoomReader | None = None
 
@@ -920,7 +935,7 @@ class TerminalSession(ChatSession):
 
     def showObject(self, obj: dict[str, Any], payload: bytes) -> None:
         if self._shown() is not None and self.reader is not None:
-            self.reader.received(payload, False)
+            self.reader.receivedObject(obj, payload)
 
     def status(self, text: str) -> None:
         screen = self._shown()
@@ -952,11 +967,6 @@ class TerminalSession(ChatSession):
             json = connection.websocket_protocol_in_use == JSON_SUBPROTOCOL
             self.reader.connected(json, formatAddress(host) if host is not None else None)
         super().connected(connection)
-
-
-def _stderrStatus(text: str) -> None:
-    sys.stderr.write(f"wschat: {text}\n")
-    sys.stderr.flush()
 
 
 class TerminalMode:

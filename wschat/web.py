@@ -110,6 +110,13 @@ class Asset(ReadOnly):
         return self.data
 
 
+def _status(request: IRequest, body: dict[str, object]) -> bytes:
+    """A health check's answer: ``body`` as JSON, never cached."""
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body).encode("utf-8") + b"\n"
+
+
 class HealthResource(ReadOnly):
     """
     ``GET /healthz``: 200 and a small JSON body while the daemon accepts connections,
@@ -126,10 +133,7 @@ class HealthResource(ReadOnly):
         else:
             status = "stopping"
             request.setResponseCode(503)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        body = {"status": status, "connections": len(self._server.room)}
-        return json.dumps(body).encode("utf-8") + b"\n"
+        return _status(request, {"status": status, "connections": len(self._server.room)})
 
 
 class ReadinessResource(ReadOnly):
@@ -150,9 +154,7 @@ class ReadinessResource(ReadOnly):
             body["reason"] = reason
             request.setResponseCode(503)
         body["connections"] = len(self._server.room)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        return json.dumps(body).encode("utf-8") + b"\n"
+        return _status(request, body)
 
 
 class ChatChannel(http.HTTPChannel):
