@@ -605,10 +605,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
                 notice = jsonNotice(reason, self.factory.chatServer.reactor.seconds())
             else:
                 notice = b"wschat: " + reason.encode("utf-8")
-            # A client that sends but never reads must not grow its queue of notices either.
-            if self._paused and self._overQueue(len(notice) + 2):
-                return
-            self.sendMessage(notice)
+            self._sendOwn(notice)
 
     def duplicate(self, mid: str, position: Position) -> None:
         """
@@ -618,10 +615,17 @@ class ChatServerProtocol(WebSocketServerProtocol):
         server = self.factory.chatServer
         server.metrics.duplicateRefused()
         if self.state == WebSocketProtocol.STATE_OPEN:
-            answer = jsonDuplicate(mid, position.epoch, position.seq)
-            if self._paused and self._overQueue(len(answer) + 2):
-                return
-            self.sendMessage(answer)
+            self._sendOwn(jsonDuplicate(mid, position.epoch, position.seq))
+
+    def _sendOwn(self, payload: bytes) -> None:
+        """
+        Send this open client a text message of the daemon's own (a notice, an answer),
+        counted against ``--max-queue`` while its transport is paused: a client that sends
+        but never reads must not grow its queue of answers either.
+        """
+        if self._paused and self._overQueue(len(payload) + 2):
+            return
+        self.sendMessage(payload)
 
     def goAway(self) -> Deferred[None]:
         """

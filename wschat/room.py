@@ -94,6 +94,16 @@ def _nobody() -> int:
     return 0
 
 
+def _payload(
+    fmt: Format, message: Message, when: float, epoch: str | None, seq: int | None
+) -> tuple[bytes, bool]:
+    """``message`` as members of ``fmt`` receive it (JSON: stamped ``when``, at ``epoch``/``seq``
+    with history on), and whether it goes as a binary message."""
+    if fmt is Format.JSON:
+        return jsonMessage(message, when, epoch, seq), False
+    return relayPayload(fmt, message), message.isBinary
+
+
 class Room:
     """
     The set of open connections and the fan-out to them.
@@ -241,20 +251,13 @@ class Room:
 
     def _replayFrame(self, history: History, entry: Entry, fmt: Format) -> PreparedMessage:
         """``entry`` framed for ``fmt``: the frame cached at broadcast, or a new one."""
-        if fmt is Format.JSON:
-            frame = entry.jsonFrame
-            if frame is None:
-                message = entry.message
-                payload = jsonMessage(message, entry.when, history.epoch, entry.seq)
-                frame = self._prepare(payload, False)
-                history.cacheFrame(entry, frame, True, evict=False)
-            return frame
-        frame = entry.plainFrame
+        json = fmt is Format.JSON
+        frame = entry.jsonFrame if json else entry.plainFrame
         if frame is None:
-            message = entry.message
-            frame = self._prepare(relayPayload(fmt, message), message.isBinary)
-            if fmt is self.format:
-                history.cacheFrame(entry, frame, False, evict=False)
+            payload, isBinary = _payload(fmt, entry.message, entry.when, history.epoch, entry.seq)
+            frame = self._prepare(payload, isBinary)
+            if json or fmt is self.format:
+                history.cacheFrame(entry, frame, json, evict=False)
         return frame
 
     def leave(self, member: Member) -> bool:
@@ -285,23 +288,19 @@ class Room:
         history = self.history
         stamp = self._now() if when is None else when
         entry = None
+        epoch: str | None = None
+        seq: int | None = None
         if history is not None:
             if position is None:
                 entry = history.appendNext(message, stamp)
             else:
                 entry = history.append(position, message, stamp)
+            epoch, seq = history.epoch, entry.seq
         frames = size = 0
         # Snapshots: a delivery may make a member leave (a slow reader dropped).
         for fmt, group in tuple(self._groups.items()):
-            if fmt is Format.JSON:
-                if history is None or entry is None:
-                    payload = jsonMessage(message, stamp)
-                else:
-                    payload = jsonMessage(message, stamp, history.epoch, entry.seq)
-                frame = self._prepare(payload, False)
-            else:
-                payload = relayPayload(fmt, message)
-                frame = self._prepare(payload, message.isBinary)
+            payload, isBinary = _payload(fmt, message, stamp, epoch, seq)
+            frame = self._prepare(payload, isBinary)
             if history is not None and entry is not None:
                 # Replays reuse the frames: the JSON one, and the room's own plain format.
                 if fmt is Format.JSON or fmt is self.format:
