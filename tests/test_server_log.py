@@ -16,7 +16,7 @@ from wschat.testing import connect, startDaemon
 )
 def test_plural(count, text):
     """A count agrees with its noun."""
-    from wschat.server import plural
+    from wschat.wire import plural
 
     assert plural(count, "connection") == text
 

@@ -52,7 +52,7 @@ from zope.interface import implementer
 
 from wschat.escaping import escapeControls
 from wschat.limits import Limits
-from wschat.wire import JSON_SUBPROTOCOL, BadCommand, parseCommand
+from wschat.wire import JSON_SUBPROTOCOL, BadCommand, parseCommand, plural
 
 DEFAULT_URL = "ws://127.0.0.1:2000"
 
@@ -86,11 +86,6 @@ _REFUSED = re.compile(r"WebSocket connection upgrade failed \[(\d{3})\]: (.*)", 
 
 #: TLS record types a TLS server may answer a plain-text request with (alert, handshake).
 _TLS_RECORDS = (0x15, 0x16)
-
-
-def plural(count: int, noun: str, nouns: str | None = None) -> str:
-    """``1 line``, ``2 lines``."""
-    return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
 
 
 class ChatClientProtocol(WebSocketClientProtocol):

@@ -33,14 +33,9 @@ from wschat.room import Room
 from wschat.tuning import withBacklog
 from wschat.turnlog import TurnLog
 from wschat.web import makeMetricsSite, makeSite
-from wschat.wire import Format, jsonWelcome
+from wschat.wire import Format, jsonWelcome, plural
 
 DEFAULT_WELCOME = "Welcome to chat! Type a message"
-
-
-def plural(count: int, noun: str, nouns: str | None = None) -> str:
-    """``1 connection``, ``2 connections``: ``count`` and the noun in agreement with it."""
-    return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
 
 
 class ListenError(Exception):

@@ -56,6 +56,11 @@ class Message:
     id: str | None = None
 
 
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``1 line``, ``2 lines``: ``count`` and the noun in agreement with it."""
+    return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
+
+
 def hostPort(host: str, port: int) -> str:
     """``host:port``, with an IPv6 address in brackets: ``[::1]:2000``."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
