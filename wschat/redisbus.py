@@ -582,11 +582,9 @@ class RedisBus(service.Service):
                     return
         self.received += 1
         try:
-            # JSON clients on every daemon see the time the sender's daemon stamped.
-            if history is None:
-                self.room.broadcast(envelope.message, envelope.time)
-            else:
-                self.room.broadcast(envelope.message, envelope.time, position)
+            # JSON clients on every daemon see the time the sender's daemon stamped; with
+            # history on, the message takes the position Redis gave it (None: history off).
+            self.room.broadcast(envelope.message, envelope.time, position)
         except Exception:
             # Never let a bug here tear down the subscription for everyone.
             self._log.failure("Relaying a message from the channel failed")
