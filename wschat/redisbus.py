@@ -802,6 +802,14 @@ class RedisBus(service.Service):
         self._events.append(PresenceEvent(kind, who, len(self.room)))
         self._report()
 
+    def _nextVersion(self) -> int:
+        """
+        The version of this daemon's next presence report: above the last one, and above any
+        of an earlier run of this node (milliseconds of the clock).
+        """
+        self._version = max(self._version + 1, int(self._reactor.seconds() * 1000))
+        return self._version
+
     def _report(self) -> None:
         """
         Report this daemon's count (and its joins and leaves since the last report), and
@@ -813,7 +821,7 @@ class RedisBus(service.Service):
         self._reporting = True
         events, count = tuple(self._events), len(self.room)
         self._events.clear()
-        self._version = version = max(self._version + 1, int(self._reactor.seconds() * 1000))
+        version = self._nextVersion()
         data = b""
         if events:
             data = encodePresence(PresenceEnvelope(self.node, version, count, events))
@@ -869,7 +877,7 @@ class RedisBus(service.Service):
         if publisher is None or not self._up:
             done.callback(None)
             return done
-        self._version = version = max(self._version + 1, int(self._reactor.seconds() * 1000))
+        version = self._nextVersion()
         data = encodePresence(PresenceEnvelope(self.node, version, 0))
 
         def finished(_: object) -> None:
