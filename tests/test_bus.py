@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from wschat.bus import LocalBus
 from wschat.envelope import Envelope, MalformedEnvelope, decodeEnvelope, encodeEnvelope
+from wschat.history import Position
 from wschat.redisaddress import RedisAddress, parseRedisURL
 from wschat.redisbus import REFUSED_DOWN, RedisBus, _BusFactory, _PublisherProtocol
 from wschat.room import Room
@@ -340,7 +341,9 @@ class RedisBusOfflineTests(SynchronousTestCase):
         bus, prepared = self.bus()
         calls: list[Message] = []
 
-        def broken(message: Message, when: float | None = None) -> None:
+        def broken(
+            message: Message, when: float | None = None, position: Position | None = None
+        ) -> None:
             calls.append(message)
             raise RuntimeError("bug")
 

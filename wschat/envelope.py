@@ -30,21 +30,18 @@ instead of relaying it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
 import msgpack
 
-from wschat.history import Position
-from wschat.wire import Message
+# An epoch and a message id are checked as the query (since=) and a JSON send command check them.
+from wschat.history import _EPOCH, Position
+from wschat.wire import _ID, Message
 
 ENVELOPE_VERSION = 1
 #: The first element of a presence envelope.
 PRESENCE = "presence"
-
-_EPOCH = re.compile(r"[0-9a-z]{1,64}")
-_ID = re.compile(r"[\x20-\x7e]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,6 +77,7 @@ from wschat.redishistory import (
     reportScript,
 )
 from wschat.room import Room
+from wschat.server import plural
 from wschat.wire import Format, Message
 
 #: Seconds Redis may take to answer a command before the connection is dropped.
@@ -125,11 +126,6 @@ REFUSED_BACKLOG = (
 )
 #: Told to a sender whose message Redis answered with an error (out of memory, ...).
 REFUSED_ERROR = "message not delivered: Redis refused it ({error}); try again later"
-
-
-def _count(n: int, noun: str) -> str:
-    """``1 message``, ``2 messages``."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 @dataclass(eq=False)
@@ -436,7 +432,7 @@ class RedisBus(service.Service):
                 self._backlogFull = False
                 self._log.info(
                     "The Redis backlog has drained ({count} refused meanwhile)",
-                    count=_count(self.refused - self._refusedWhenFull, "message"),
+                    count=plural(self.refused - self._refusedWhenFull, "message"),
                 )
 
     def _backlogIsFull(self) -> None:
@@ -448,7 +444,7 @@ class RedisBus(service.Service):
         self._log.warn(
             "The Redis backlog is full ({count}, {size} bytes waiting for Redis; at most "
             "{maxCount} and {maxSize} bytes); refusing messages with a notice to their sender",
-            count=_count(self.backlog, "message"),
+            count=plural(self.backlog, "message"),
             size=self.backlogBytes,
             maxCount=self.maxBacklog,
             maxSize=self.maxBacklogBytes,
@@ -487,7 +483,7 @@ class RedisBus(service.Service):
             "refusing messages with a notice to their sender until it answers",
             redis=self.address,
             timeout=self.stallTimeout,
-            backlog=_count(self.backlog, "message"),
+            backlog=plural(self.backlog, "message"),
         )
 
     def _stallEnded(self) -> None:
@@ -500,7 +496,7 @@ class RedisBus(service.Service):
             "Redis {redis} answers again (stalled {stalled:.1f} s, {count} refused meanwhile)",
             redis=self.address,
             stalled=now - self._downSince,
-            count=_count(self.refused - self._refusedBefore, "message"),
+            count=plural(self.refused - self._refusedBefore, "message"),
         )
 
     def _refuse(self, origin: Origin, reason: str) -> None:
@@ -586,11 +582,9 @@ class RedisBus(service.Service):
                     return
         self.received += 1
         try:
-            # JSON clients on every daemon see the time the sender's daemon stamped.
-            if history is None:
-                self.room.broadcast(envelope.message, envelope.time)
-            else:
-                self.room.broadcast(envelope.message, envelope.time, position)
+            # JSON clients on every daemon see the time the sender's daemon stamped; with
+            # history on, the message takes the position Redis gave it (None: history off).
+            self.room.broadcast(envelope.message, envelope.time, position)
         except Exception:
             # Never let a bug here tear down the subscription for everyone.
             self._log.failure("Relaying a message from the channel failed")
@@ -808,6 +802,14 @@ class RedisBus(service.Service):
         self._events.append(PresenceEvent(kind, who, len(self.room)))
         self._report()
 
+    def _nextVersion(self) -> int:
+        """
+        The version of this daemon's next presence report: above the last one, and above any
+        of an earlier run of this node (milliseconds of the clock).
+        """
+        self._version = max(self._version + 1, int(self._reactor.seconds() * 1000))
+        return self._version
+
     def _report(self) -> None:
         """
         Report this daemon's count (and its joins and leaves since the last report), and
@@ -819,7 +821,7 @@ class RedisBus(service.Service):
         self._reporting = True
         events, count = tuple(self._events), len(self.room)
         self._events.clear()
-        self._version = version = max(self._version + 1, int(self._reactor.seconds() * 1000))
+        version = self._nextVersion()
         data = b""
         if events:
             data = encodePresence(PresenceEnvelope(self.node, version, count, events))
@@ -875,7 +877,7 @@ class RedisBus(service.Service):
         if publisher is None or not self._up:
             done.callback(None)
             return done
-        self._version = version = max(self._version + 1, int(self._reactor.seconds() * 1000))
+        version = self._nextVersion()
         data = encodePresence(PresenceEnvelope(self.node, version, 0))
 
         def finished(_: object) -> None:
@@ -1085,7 +1087,7 @@ class RedisBus(service.Service):
             channel=self.channel,
             node=self.node,
             down=self._reactor.seconds() - self._downSince,
-            count=_count(self.refused - self._refusedBefore, "message"),
+            count=plural(self.refused - self._refusedBefore, "message"),
         )
 
     def _linkDown(self, why: str) -> None:
