@@ -36,8 +36,8 @@ from typing import Literal
 import msgpack
 
 # An epoch and a message id are checked as the query (since=) and a JSON send command check them.
-from wschat.history import _EPOCH, Position
-from wschat.wire import _ID, Message
+from wschat.history import EPOCH, Position
+from wschat.wire import MESSAGE_ID, Message
 
 ENVELOPE_VERSION = 1
 #: The first element of a presence envelope.
@@ -168,11 +168,11 @@ def decodeEnvelope(data: bytes) -> Envelope | PresenceEnvelope:
     position = None
     if epoch is not None or seq is not None:
         if not (
-            isinstance(epoch, str) and _EPOCH.fullmatch(epoch) and type(seq) is int and seq >= 1
+            isinstance(epoch, str) and EPOCH.fullmatch(epoch) and type(seq) is int and seq >= 1
         ):
             raise MalformedEnvelope("a malformed position")
         position = Position(epoch, seq)
-    if mid is not None and not (isinstance(mid, str) and _ID.fullmatch(mid)):
+    if mid is not None and not (isinstance(mid, str) and MESSAGE_ID.fullmatch(mid)):
         raise MalformedEnvelope("a malformed message id")
     return Envelope(Message(sender, payload, isBinary, mid), node, float(time), position)
 

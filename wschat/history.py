@@ -267,7 +267,8 @@ class BadQuery(ValueError):
     """A malformed ``since`` or ``history`` query parameter; the text says why."""
 
 
-_EPOCH = re.compile(r"[0-9a-z]{1,64}")
+#: An epoch: 1 to 64 lower-case letters and digits.
+EPOCH = re.compile(r"[0-9a-z]{1,64}")
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
 
@@ -284,7 +285,7 @@ def parseQuery(query: str) -> tuple[Position | None, int | None]:
         raise BadQuery("since given more than once")
     if sinces:
         epoch, colon, seq = sinces[0].partition(":")
-        if not (colon and _EPOCH.fullmatch(epoch) and _DIGITS.fullmatch(seq)):
+        if not (colon and EPOCH.fullmatch(epoch) and _DIGITS.fullmatch(seq)):
             raise BadQuery(
                 f"since must be EPOCH:SEQ (as in a message's epoch and seq), not {sinces[0][:40]!r}"
             )

@@ -77,8 +77,7 @@ from wschat.redishistory import (
     reportScript,
 )
 from wschat.room import Room
-from wschat.server import plural
-from wschat.wire import Format, Message
+from wschat.wire import Format, Message, plural
 
 #: Seconds Redis may take to answer a command before the connection is dropped.
 REPLY_TIMEOUT = 10.0

@@ -207,7 +207,7 @@ class BadCommand(ValueError):
 
 
 #: A message id: 1 to 64 printable ASCII characters.
-_ID = re.compile(r"[\x20-\x7e]{1,64}")
+MESSAGE_ID = re.compile(r"[\x20-\x7e]{1,64}")
 
 
 def parseCommand(payload: bytes) -> SendCommand | None:
@@ -240,6 +240,6 @@ def parseCommand(payload: bytes) -> SendCommand | None:
             '"text" is not valid Unicode (a lone surrogate): nothing relayed'
         ) from None
     mid = obj.get("id")
-    if mid is not None and not (isinstance(mid, str) and _ID.fullmatch(mid)):
+    if mid is not None and not (isinstance(mid, str) and MESSAGE_ID.fullmatch(mid)):
         raise BadCommand('"id" must be 1 to 64 printable ASCII characters: nothing relayed')
     return SendCommand(text, mid)
