@@ -53,7 +53,8 @@ def main() -> None:
     parser.add_argument("--per-turn", type=int, default=1)
     args = parser.parse_args()
     server = ChatServer(fmt=Format.RAW, logMessages=False)
-    turns = fastwrite.Turns(Clock())
+    clock = Clock()
+    turns = fastwrite.Turns(clock)
     server.room.turns = turns
     for _ in range(args.members):
         p = server.factory.buildProtocol(None)
@@ -69,7 +70,9 @@ def main() -> None:
     def broadcast() -> None:
         for _ in range(perTurn):
             server.room.broadcast(message)
-        turns.endTurn()
+        # The turn's end, as the reactor runs it: the call it scheduled (calling endTurn
+        # directly would leave every scheduled call on the clock, and each new one sorts them).
+        clock.advance(0)
 
     for _ in range(50):
         broadcast()
