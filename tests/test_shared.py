@@ -138,6 +138,37 @@ def test_a_member_leaving_mid_turn_gets_nothing_after_it_left():
     assert leaves.transport.shared is None  # type: ignore[union-attr]
 
 
+class LeavingSocket(RecordingSocket):
+    """Takes every byte, and the first ``send`` makes another member leave the room."""
+
+    def __init__(self, leave: Any) -> None:
+        super().__init__()
+        self.leave = leave
+
+    def send(self, data: Any) -> int:
+        leave, self.leave = self.leave, None
+        if leave is not None:
+            leave()
+        return super().send(data)
+
+
+def test_a_member_leaving_while_the_turn_is_sent_gets_nothing_more():
+    """
+    A member that leaves while the turn's buffer is being handed out (a slow reader dropped
+    meanwhile) is not sent the turn's frames after it left; the others all are.
+    """
+    room = Room()
+    members: list[ChatServerProtocol] = []
+    first = room.member(LeavingSocket(lambda: room.server.room.leave(members[1])))
+    members += [first, room.member(), room.member()]
+    room.busy()
+    frames = [room.broadcast(b"one"), room.broadcast(b"two")]
+    room.endTurn()
+    assert sock(members[1]).sends == []
+    assert sock(members[0]).sends == [b"".join(frames)]
+    assert sock(members[2]).sends == [b"".join(frames)]
+
+
 def test_a_write_during_the_turn_keeps_its_place():
     """
     Anything else written to a member during a busy turn (a notice, a pong, a close) comes

@@ -193,12 +193,14 @@ class SharedFrames:
     bytes keep the order in which they were written.
     """
 
-    __slots__ = ("turns", "members", "frames", "parts", "ends", "size", "turn")
+    __slots__ = ("turns", "members", "writers", "frames", "parts", "ends", "size", "turn")
 
     def __init__(self, turns: Turns) -> None:
         self.turns = turns
         #: Each member and its writer, in join order.
         self.members: dict[SharedMember, FastTransport] = {}
+        #: Their writers, in the same order (None: to be made again after a join or leave).
+        self.writers: tuple[FastTransport, ...] | None = ()
         #: The frames kept in this turn (as the members' ``deliver`` takes them).
         self.frames: list[Any] = []
         #: Their bytes on the wire.
@@ -216,12 +218,14 @@ class SharedFrames:
         writer.sharedTurn = self.turns.turn
         writer.sharedStart = len(self.frames)
         self.members[member] = writer
+        self.writers = None
 
     def leave(self, member: SharedMember) -> bool:
         """Remove ``member``, after handing it what it had not had of this turn's frames."""
         writer = self.members.pop(member, None)
         if writer is None:
             return False
+        self.writers = None
         writer.catchUp()
         writer.shared = None
         writer.member = None
@@ -258,12 +262,20 @@ class SharedFrames:
         size = len(data)
         turn = self.turn
         view = memoryview(data)
-        for member, writer in tuple(self.members.items()):
+        writers = self.writers
+        if writers is None:
+            # A snapshot: a member may leave during the loop (a slow reader dropped).
+            writers = self.writers = tuple(self.members.values())
+        for writer in writers:
             start = writer.sharedStart if writer.sharedTurn == turn else 0
             if start >= count:
                 continue
             writer.sharedTurn = turn
             writer.sharedStart = count
+            member = writer.member
+            if member is None:
+                # It left during this loop: nothing more is sent to it.
+                continue
             if not member.takesShared():
                 for frame in frames[start:]:
                     member.deliver(frame)
