@@ -43,7 +43,25 @@ The connection's start
     makes when Autobahn first asks for it: a connection that never receives a text message
     never has one.
 
-tests/test_lean.py opens connections both ways and compares every attribute.
+Receiving frames
+    :func:`receiveFrames` reads what an open server connection receives as Autobahn's frame
+    parser would, for the common case: complete, unfragmented, masked text and binary
+    frames with a 7- or 16-bit length within the connection's limits, text being valid
+    UTF-8 (Python's strict decoder gives Autobahn's validator's verdict on a whole
+    message). Each gets the hooks Autobahn calls (``onMessageBegin``,
+    ``onMessageFrameBegin``, ``onMessage``, the ``message`` event's listeners), its traffic
+    counts, the ping timeout's cancelling, and the attributes Autobahn's parser leaves,
+    without its per-frame parsing, masker, validator and Deferred. At the first other
+    frame (control, fragment, cut off by the read, malformed, over a limit, bad UTF-8), or
+    once a hook has closed the connection, the rest goes to Autobahn's parser from exactly
+    there, so its errors and close codes are Autobahn's. Only for a class that says its
+    later message hooks are Autobahn's while open (``leanFrames = True``), with no
+    compression, no frame or octet logging, no debug logging, and on a :data:`PINNED`
+    Autobahn.
+
+tests/test_lean.py opens connections both ways and compares every attribute;
+tests/test_lean_frames.py feeds the same byte streams to connections reading frames either
+way and compares what they did and became.
 """
 
 from __future__ import annotations
