@@ -43,7 +43,25 @@ The connection's start
     makes when Autobahn first asks for it: a connection that never receives a text message
     never has one.
 
-tests/test_lean.py opens connections both ways and compares every attribute.
+Receiving frames
+    :func:`receiveFrames` reads what an open server connection receives as Autobahn's frame
+    parser would, for the common case: complete, unfragmented, masked text and binary
+    frames with a 7- or 16-bit length within the connection's limits, text being valid
+    UTF-8 (Python's strict decoder gives Autobahn's validator's verdict on a whole
+    message). Each gets the hooks Autobahn calls (``onMessageBegin``,
+    ``onMessageFrameBegin``, ``onMessage``, the ``message`` event's listeners), its traffic
+    counts, the ping timeout's cancelling, and the attributes Autobahn's parser leaves,
+    without its per-frame parsing, masker, validator and Deferred. At the first other
+    frame (control, fragment, cut off by the read, malformed, over a limit, bad UTF-8), or
+    once a hook has closed the connection, the rest goes to Autobahn's parser from exactly
+    there, so its errors and close codes are Autobahn's. Only for a class that says its
+    later message hooks are Autobahn's while open (``leanFrames = True``), with no
+    compression, no frame or octet logging, no debug logging, and on a :data:`PINNED`
+    Autobahn.
+
+tests/test_lean.py opens connections both ways and compares every attribute;
+tests/test_lean_frames.py feeds the same byte streams to connections reading frames either
+way and compares what they did and became.
 """
 
 from __future__ import annotations
@@ -546,3 +564,210 @@ def _succeed(protocol: Any, answer: Any) -> None:
         )
     protocol._onOpen()
     _txaio.resolve(protocol.is_open, None)
+
+
+# -- receiving frames
+
+#: Autobahn's log method for a level that is off (txaio binds it to each such level).
+_noOp: Any = getattr(getattr(txaio, "tx", None), "_no_op", None)
+_CLOSED = _ab.WebSocketProtocol.STATE_CLOSED
+
+#: What Autobahn leaves as a connection's ``current_frame_masker`` after a frame, by payload
+#: length: a new masker of one of these types, never used again (a frame's header makes the
+#: next). One shared instance of each type stands in for it.
+_MASKERS: tuple[Any, Any, Any] = (None, None, None)
+_FRAME_HEADER: Any = None
+_createXorMasker: Any = None
+_XorMaskerNull: Any = None
+if ENABLED:
+    from autobahn.twisted import websocket as _twistedWebsocket
+    from autobahn.websocket.xormasker import XorMaskerNull, create_xor_masker
+
+    _createXorMasker = create_xor_masker
+    _XorMaskerNull = XorMaskerNull
+    _FRAME_HEADER = _ab.FrameHeader
+    _MASKERS = (
+        XorMaskerNull(),
+        create_xor_masker(b"\0\0\0\0", 1),
+        create_xor_masker(b"\0\0\0\0", 128),
+    )
+
+#: Below this payload length a frame is unmasked with one integer XOR; from it on, with
+#: Autobahn's native masker (faster for long payloads, slower to make).
+_NATIVE_UNMASK = 1024
+
+#: The Autobahn methods a lean frame's hooks must be (they are called, or done, directly).
+_AUTOBAHN_HOOKS = (
+    "_onMessageBegin",
+    "_onMessageFrameBegin",
+    "_onMessageFrameData",
+    "_onMessageFrameEnd",
+    "_onMessageFrame",
+    "_onMessageEnd",
+    "_onMessage",
+)
+_DEFAULT_HOOKS = ("onMessageFrameEnd", "onMessageEnd", "fire")
+
+#: Classes checked by :func:`_leanReceiver`, and the verdict.
+_receivers: dict[type, bool] = {}
+
+
+def _leanReceiver(cls: type) -> bool:
+    """
+    Whether connections of ``cls`` may have their frames read by :func:`receiveFrames`: a
+    :func:`protocolClass` server class that says its message hooks allow it
+    (``leanFrames = True``), whose Twisted adapter hooks and frame and message ends are
+    Autobahn's own.
+    """
+    verdict = _receivers.get(cls)
+    if verdict is None:
+        adapter = _twistedWebsocket.WebSocketAdapterProtocol
+        base = _ab.WebSocketProtocol
+        verdict = bool(
+            ENABLED
+            and _noOp is not None
+            and getattr(cls, "leanFrames", False)
+            and issubclass(cls, _ab.WebSocketServerProtocol)
+            and isinstance(cls.__dict__.get("utf8validator"), _LazyValidator)
+            and all(getattr(cls, n) is getattr(adapter, n) for n in _AUTOBAHN_HOOKS)
+            and all(getattr(cls, n) is getattr(base, n) for n in _DEFAULT_HOOKS)
+        )
+        _receivers[cls] = verdict
+    return verdict
+
+
+def receiveFrames(protocol: Any, data: bytes) -> bool:
+    """
+    Read ``data``, received by the open server connection ``protocol``, as Autobahn's
+    ``dataReceived`` would; True if it did, False if ``data`` is for Autobahn's
+    ``dataReceived`` (``protocol`` untouched).
+
+    Complete, unfragmented, masked text and binary frames with a 7- or 16-bit length within
+    the connection's limits (and, text, valid UTF-8) are read here: the same hooks are
+    called, with the same arguments and attributes, as Autobahn's frame parser calls and
+    leaves. From the first byte of any other frame (control, fragment, cut off by the read,
+    malformed, too long, bad UTF-8), or once a hook changed the connection's state, the rest
+    goes to Autobahn's parser, from exactly where it is.
+    """
+    if (
+        protocol.state != _OPEN
+        or protocol.data
+        or protocol.current_frame is not None
+        or protocol.inside_message
+        or protocol._perMessageCompress is not None
+        or protocol.logOctets
+        or protocol.logFrames
+        or protocol.trackedTimings
+        or protocol.failedByMe
+        or protocol._listeners is not None
+        or not protocol.applyMask
+        or protocol.log.debug is not _noOp
+        or not _leanReceiver(type(protocol))
+    ):
+        return False
+    size = len(data)
+    stats = protocol.trafficStats
+    stats.incomingOctetsWireLevel += size
+    validate = protocol.utf8validateIncoming
+    i = 0
+    while size - i >= 6:
+        b0 = data[i]
+        if b0 != 0x81 and b0 != 0x82:
+            break
+        length = data[i + 1] ^ 0x80
+        if length > 125:
+            # Unmasked (a protocol error), or a longer length.
+            if length != 126 or size - i < 8:
+                break
+            length = (data[i + 2] << 8) | data[i + 3]
+            if length < 126:
+                break  # not the shortest encoding: Autobahn's error
+            start = i + 8
+        else:
+            start = i + 6
+        end = start + length
+        if end > size:
+            break
+        limit = protocol.maxMessagePayloadSize
+        if 0 < limit < length:
+            break
+        limit = protocol.maxFramePayloadSize
+        if 0 < limit < length:
+            break
+        mask = data[start - 4 : start]
+        if not length:
+            payload = b""
+        elif length < _NATIVE_UNMASK:
+            payload = (
+                int.from_bytes(data[start:end], "little")
+                ^ int.from_bytes((mask * ((length >> 2) + 1))[:length], "little")
+            ).to_bytes(length, "little")
+        else:
+            payload = _createXorMasker(mask, length).process(data[start:end])
+        isBinary = b0 == 0x82
+        checked = validate and not isBinary
+        if checked and not payload.isascii():
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                break  # Autobahn's 1007
+        # onFrameBegin: a message begins.
+        protocol.current_frame_masker = _MASKERS[0 if not length else 1 if length < 128 else 2]
+        protocol.inside_message = True
+        protocol._isMessageCompressed = False
+        protocol.utf8validateIncomingCurrentMessage = checked
+        if checked:
+            protocol.utf8validateLast = (True, True, 0, 0)
+        protocol.onMessageBegin(isBinary)
+        protocol.onMessageFrameBegin(length)
+        if protocol.state != _OPEN or protocol.failedByMe:
+            # A hook closed the connection: Autobahn reads this frame's payload on.
+            if checked:
+                protocol.utf8validator.reset()
+            protocol.current_frame = _FRAME_HEADER(b0 & 0x0F, True, 0, length, mask)
+            protocol.current_frame_masker = (
+                _createXorMasker(mask, length) if length else _XorMaskerNull()
+            )
+            _handOver(protocol, data[start:])
+            return True
+        # onFrameData and onFrameEnd, and the message hooks (Autobahn's, see leanFrames).
+        stats.incomingOctetsWebSocketLevel += length
+        stats.incomingOctetsAppLevel += length
+        if checked:
+            protocol.utf8validator  # noqa: B018 - made on first use, as Autobahn's is
+            protocol.utf8validateLast = (True, True, length, length)
+        protocol.message_data.append(payload)
+        protocol.frame_data = None
+        stats.incomingWebSocketFrames += 1
+        if protocol.autoPingTimeoutCall and protocol.autoPingRestartOnAnyTraffic:
+            protocol._cancelAutoPingTimeoutCall()
+        stats.incomingWebSocketMessages += 1
+        protocol.onMessage(payload, isBinary)
+        if protocol._listeners is not None:
+            # Someone listens since: as Autobahn's onMessageEnd tells them.
+            _fireMessage(protocol, payload, isBinary)
+        protocol.message_data = None
+        protocol.inside_message = False
+        i = end
+        if protocol.state != _OPEN:
+            break
+    if i < size:
+        _handOver(protocol, data[i:] if i else data)
+    return True
+
+
+def _handOver(protocol: Any, rest: bytes) -> None:
+    """Leave ``rest`` to Autobahn's parser, as its own loop would go on with it."""
+    protocol.data = rest
+    if rest and protocol.state != _CLOSED:
+        protocol.consumeData()
+
+
+def _fireMessage(protocol: Any, payload: bytes, isBinary: bool) -> None:
+    """Tell a connection's ``message`` listeners, as Autobahn's ``onMessageEnd`` does."""
+    fired = protocol.fire("message", payload, is_binary=isBinary)
+
+    def error(f: Any) -> None:
+        protocol.log.error("Firing signal 'message' failed: {fail}", fail=f)
+
+    _txaio.add_callbacks(fired, None, error)

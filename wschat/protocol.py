@@ -87,6 +87,9 @@ class ChatServerProtocol(WebSocketServerProtocol):
     #: Its onConnect answers at once, never with a Deferred: a plain handshake may be
     #: answered without Autobahn's handshake machinery (wschat.lean.openHandshake).
     leanHandshake = True
+    #: Its message hooks after ``onMessageFrameBegin`` do what Autobahn's do while it is open:
+    #: complete frames may be read without Autobahn's frame parser (wschat.lean.receiveFrames).
+    leanFrames = True
     address = ""
     #: What this connection receives: the room's format, or JSON if it asked for it.
     format = Format.PREFIXED
@@ -365,12 +368,12 @@ class ChatServerProtocol(WebSocketServerProtocol):
         if self._refusing:
             return
         if self._budget is None:
-            super().dataReceived(data)
+            self._receive(data)
         elif self._readHeld or self._unread:
             # A transport may deliver what it had already read (TLS) after being paused.
             self._unread += data
         elif len(data) <= READ_SLICE:
-            super().dataReceived(data)
+            self._receive(data)
         else:
             self._unread = data
             self._parseUnread()
@@ -386,7 +389,15 @@ class ChatServerProtocol(WebSocketServerProtocol):
                 return
             if self._refusing or self.transport is None:
                 return
-            super().dataReceived(data[offset : offset + READ_SLICE])
+            self._receive(data[offset : offset + READ_SLICE])
+
+    def _receive(self, data: bytes) -> None:
+        """
+        Parse ``data``: complete small messages here (wschat.lean.receiveFrames), anything
+        else in Autobahn's frame parser.
+        """
+        if not lean.receiveFrames(self, data):
+            super().dataReceived(data)
 
     def onMessageBegin(self, isBinary: bool) -> None:
         super().onMessageBegin(isBinary)
