@@ -203,6 +203,45 @@ def test_a_member_paused_mid_turn_gets_the_frames_one_by_one_and_counted():
     assert sock(fast).sends == [b"".join(frames)]
 
 
+def test_a_member_paused_after_a_busy_turn_gets_the_next_one_frame_by_frame():
+    """
+    A member that took earlier busy turns' buffers and is then paused gets the next busy
+    turn's frames through deliver (counted), not the shared buffer.
+    """
+    room = Room()
+    slow, fast = room.member(), room.member()
+    room.busy()
+    earlier = room.broadcast(b"earlier")
+    room.endTurn()
+    room.busy()
+    slow.pauseProducing()
+    frames = [room.broadcast(b"a" * 10), room.broadcast(b"b" * 10)]
+    room.endTurn()
+    assert slow._unsent == sum(len(f) for f in frames)
+    assert sock(slow).received() == earlier + b"".join(frames)
+    assert sock(fast).sends == [earlier, b"".join(frames)]
+
+
+def test_a_member_that_sent_its_close_frame_gets_no_more_frames():
+    """
+    After a member's close frame (the connection closing) no busy turn's frames reach it,
+    though it took the shared buffer of the turn before.
+    """
+    room = Room()
+    closing, other = room.member(), room.member()
+    room.busy()
+    earlier = room.broadcast(b"earlier")
+    room.endTurn()
+    closing.sendClose(1000)
+    closeFrame = sock(closing).received()[len(earlier) :]
+    assert closeFrame[:1] == b"\x88"
+    room.busy()
+    later = room.broadcast(b"later")
+    room.endTurn()
+    assert sock(closing).received() == earlier + closeFrame
+    assert sock(other).received() == earlier + later
+
+
 class ShortSocket(RecordingSocket):
     """Takes ``limit`` bytes of its first send, then everything; or fails with ``error``."""
 

@@ -171,6 +171,11 @@ class SharedMember(Protocol):
         """
         Whether the turn's frames may go out as one shared buffer now: the connection is
         open and keeping up (its transport has not paused it).
+
+        :class:`SharedFrames` asks only when something may have changed the answer since it
+        was last yes: anything done through the member's writer (a write, such as a close
+        frame; a close, an abort, TLS), bytes queued in its transport, or the member's own
+        word (:meth:`FastTransport.memberChanged`). Its answer must not turn to no otherwise.
         """
 
 
@@ -217,6 +222,7 @@ class SharedFrames:
         writer.member = member
         writer.sharedTurn = self.turns.turn
         writer.sharedStart = len(self.frames)
+        writer.askMember = True
         self.members[member] = writer
         self.writers = None
 
@@ -226,6 +232,7 @@ class SharedFrames:
         if writer is None:
             return False
         self.writers = None
+        writer.askMember = True
         writer.catchUp()
         writer.shared = None
         writer.member = None
@@ -272,14 +279,17 @@ class SharedFrames:
                 continue
             writer.sharedTurn = turn
             writer.sharedStart = count
-            member = writer.member
-            if member is None:
-                # It left during this loop: nothing more is sent to it.
-                continue
-            if not member.takesShared():
-                for frame in frames[start:]:
-                    member.deliver(frame)
-            elif start or writer.dirty:
+            if start or writer.dirty or writer.askMember:
+                # Not the common case: ask the member (see SharedMember.takesShared).
+                member = writer.member
+                if member is None:
+                    # It left during this loop: nothing more is sent to it.
+                    continue
+                if not member.takesShared():
+                    for frame in frames[start:]:
+                        member.deliver(frame)
+                    continue
+                writer.askMember = False
                 writer.sendShared(data if start == 0 else view[ends[start - 1] :])
             else:
                 # The common case, :meth:`FastTransport.sendShared` and :func:`sendOrQueue`
@@ -342,6 +352,7 @@ class FastTransport:
         "member",
         "sharedTurn",
         "sharedStart",
+        "askMember",
         "__providedBy__",
         "_peer",
         "__weakref__",
@@ -364,6 +375,9 @@ class FastTransport:
         #: The turn and index from which the member still needs the shared frames.
         self.sharedTurn = -1
         self.sharedStart = 0
+        #: Something was written or done through this writer since its member last said it
+        #: takes the shared buffer: ask again before the next one (SharedMember.takesShared).
+        self.askMember = True
         #: What this writer provides (zope.interface reads it on every ``providedBy``): an
         #: ISSLTransport once TLS has started, which it does only through :meth:`startTLS`.
         #: Kept, not worked out on each question: Autobahn asks several per connection.
@@ -376,6 +390,7 @@ class FastTransport:
 
     def write(self, data: bytes) -> None:
         """Send ``data`` after everything written before it."""
+        self.askMember = True
         shared = self.shared
         if shared is not None and shared.frames and shared.behind(self) < len(shared.frames):
             self.catchUp()
@@ -406,6 +421,13 @@ class FastTransport:
     def writeSequence(self, data: Iterable[bytes]) -> None:
         """Send every piece of ``data``, in one write."""
         self.write(b"".join(data))
+
+    def memberChanged(self) -> None:
+        """
+        The member's answer to :meth:`SharedMember.takesShared` may have changed: ask it
+        again before handing it the next shared buffer.
+        """
+        self.askMember = True
 
     def catchUp(self) -> None:
         """
@@ -445,6 +467,7 @@ class FastTransport:
     def _leaving(self) -> None:
         # Whatever the transport does next (close, half-close, TLS), the writes held go
         # before it, and every later write asks the transport whether it may be bypassed.
+        self.askMember = True
         self.catchUp()
         self.flush()
         self.dirty = True

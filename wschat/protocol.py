@@ -151,6 +151,10 @@ class ChatServerProtocol(WebSocketServerProtocol):
     def pauseProducing(self) -> None:
         # Called on every write while the buffer stays full, so it must not reset the count.
         self._paused = True
+        transport = self.transport
+        if isinstance(transport, fastwrite.FastTransport):
+            # Its busy turns' frames now go one by one (takesShared), counted.
+            transport.memberChanged()
 
     def resumeProducing(self) -> None:
         self._paused = False
