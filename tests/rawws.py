@@ -202,7 +202,20 @@ async def rawConnect(url: str, client: RawClient) -> RawClient:
     return client
 
 
+#: Seconds :func:`rawExchange` waits for the daemon to close: a daemon that never does fails
+#: the test then, not at the suite's outer time limit.
+EXCHANGE_TIMEOUT = 30.0
+
+
 async def rawExchange(url: str, data: bytes) -> bytes:
     """Send ``data`` by hand; everything the daemon sent back until it closed."""
+    from twisted.internet import reactor
+
     client = await rawConnect(url, RawClient(data))
-    return await client.lost
+    try:
+        return await client.lost.addTimeout(EXCHANGE_TIMEOUT, reactor)
+    except defer.TimeoutError:
+        client.transport.abortConnection()  # type: ignore[union-attr]
+        raise AssertionError(
+            f"the daemon did not close within {EXCHANGE_TIMEOUT:g} s; it sent {client.received!r}"
+        ) from None
