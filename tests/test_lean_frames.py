@@ -463,6 +463,43 @@ def test_invalid_utf8_is_autobahns_1007(bad):
     assert leanSide.server.localCloseCode == 1007
 
 
+def test_a_refusal_on_an_empty_frame_ending_the_read_is_as_through_autobahn():
+    """
+    Pins the inbound share: a connection refused on an empty frame that ends its read has
+    that frame finished (onMessage with nothing, the frame's state reset) as Autobahn does.
+    """
+    limits = Limits(inboundRate=1, inboundBytes=0, inboundBurst=1, inboundHold=0)
+    leanSide, _ = runBoth([frame(b"")] * 12, Format.RAW, limits, tick=0.7)
+    assert leanSide.server.localCloseCode == 1008
+    assert leanSide.server.current_frame is None
+
+
+def test_a_refusal_on_an_empty_frame_cancels_the_ping_timeout_as_autobahn():
+    """Pins Autobahn: the refused empty frame, finished, cancels a pending ping timeout."""
+    limits = Limits(
+        inboundRate=1,
+        inboundBytes=0,
+        inboundBurst=1,
+        inboundHold=0,
+        pingInterval=1,
+        pingTimeout=30,
+    )
+    sides = []
+    for cls in (Recording, AutobahnFrames):
+        side = Side(cls, Format.RAW, limits)
+        with replace_loop(side.room.clock):
+            side.feed(frame(b""))
+            side.feed(frame(b""))
+            side.room.clock.advance(1.5)
+            assert side.server.autoPingTimeoutCall is not None
+            side.feed(frame(b""))
+            side.room.clock.advance(0)
+        sides.append(side)
+    assert sides[0].server.localCloseCode == 1008 == sides[1].server.localCloseCode
+    assert sides[0].server.autoPingTimeoutCall is None is sides[1].server.autoPingTimeoutCall
+    assert differences(sides[0].server, sides[1].server) == set()
+
+
 def test_a_refusal_mid_read_is_as_through_autobahn():
     """
     Pins the inbound share: a connection refused (1008) on a frame read the lean way reads

@@ -497,6 +497,7 @@ class FastTransport:
         """Drop the connection now; the held writes are dropped with the transport's queue."""
         self.held = None
         self.dirty = True
+        self.askMember = True
         self.transport.abortConnection()
 
     # -- the rest of the transport, as it is

@@ -728,7 +728,11 @@ def receiveFrames(protocol: Any, data: bytes) -> bool:
             protocol.current_frame_masker = (
                 _createXorMasker(mask, length) if length else _XorMaskerNull()
             )
-            _handOver(protocol, data[start:])
+            rest = protocol.data = data[start:]
+            # An empty frame is finished even with nothing after it, as Autobahn's loop
+            # goes on after an empty frame's header (its end: onMessage, the ping timeout).
+            if (rest or not length) and protocol.state != _CLOSED:
+                protocol.consumeData()
             return True
         # onFrameData and onFrameEnd, and the message hooks (Autobahn's, see leanFrames).
         stats.incomingOctetsWebSocketLevel += length

@@ -89,6 +89,7 @@ class ChatServerProtocol(WebSocketServerProtocol):
     leanHandshake = True
     #: Its message hooks after ``onMessageFrameBegin`` do what Autobahn's do while it is open:
     #: complete frames may be read without Autobahn's frame parser (wschat.lean.receiveFrames).
+    #: Its hooks then see no ``current_frame`` and no rest of the read in ``data``.
     leanFrames = True
     address = ""
     #: What this connection receives: the room's format, or JSON if it asked for it.
