@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import socket
+import tomllib
+from pathlib import Path
 
+import autobahn
 import pytest
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketServerProtocol
@@ -578,3 +581,18 @@ async def test_an_unpinned_autobahn_gets_autobahns_handshake(daemon, monkeypatch
     finally:
         client.sendClose(1000)
         await client.closed
+
+
+def test_the_tests_run_on_the_autobahn_lean_was_checked_against():
+    """
+    The test extra pins the Autobahn version the lean paths were checked against, and that is
+    the one installed: a new Autobahn is taken up by changing both, not by a fresh install.
+    """
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    pins = [
+        d.split("==", 1)[1]
+        for d in project["project"]["optional-dependencies"]["test"]
+        if d.startswith("autobahn==")
+    ]
+    assert pins and set(pins) <= lean.PINNED
+    assert autobahn.__version__ in lean.PINNED
