@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
-from rawws import RawClient, handshake, rawConnect
+from rawws import handshake, rawExchange
 from twisted.trial.unittest import SynchronousTestCase
 
 from wschat.escaping import escapeControls, unescapeControls
@@ -78,8 +78,7 @@ async def test_refused_origin_escaped(daemon, logged):
     service, url = daemon("--welcome", "")
     origin = "http://evil\x1bc.example\x07"
     request = handshake(f"Origin: {origin}", host=url.split("//")[1])
-    raw = await rawConnect(url, RawClient(request))
-    status = (await raw.lost).split(b"\r\n")[0]
+    status = (await rawExchange(url, request)).split(b"\r\n")[0]
     assert status == b"HTTP/1.1 403 origin http://evil\\x1bc.example\\x07 not allowed"
     assert any("origin http://evil\\x1bc.example\\x07 not allowed" in line for line in logged)
     assert noRawControls(logged)

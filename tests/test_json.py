@@ -9,8 +9,6 @@ import re
 
 import pytest
 import pytest_twisted
-from autobahn.twisted.websocket import connectWS
-from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponseAccept
 from autobahn.websocket.protocol import PreparedMessage
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
@@ -20,13 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from wschat.metrics import Metrics
 from wschat.room import Room
 from wschat.server import ChatServer
-from wschat.testing import (
-    QueueClientFactory,
-    QueueClientProtocol,
-    closeAll,
-    connect,
-    memoryConnection,
-)
+from wschat.testing import QueueClientFactory, closeAll, connect, memoryConnection
 from wschat.wire import (
     JSON_SUBPROTOCOL,
     Format,
@@ -324,18 +316,6 @@ async def test_other_subprotocols_are_not_selected(daemon):
     assert (await nextObject(both))["type"] == "welcome"
 
 
-async def connectSmall(url: str, compress: bool) -> QueueClientProtocol:
-    """A JSON client, offering permessage-deflate if ``compress``."""
-    factory = QueueClientFactory(url, protocols=[JSON_SUBPROTOCOL])
-    if compress:
-        factory.setProtocolOptions(
-            perMessageCompressionOffers=[PerMessageDeflateOffer()],
-            perMessageCompressionAccept=lambda response: PerMessageDeflateResponseAccept(response),
-        )
-    connectWS(factory)
-    return await factory.opened
-
-
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "deflate"])
 @pytest_twisted.ensureDeferred
 async def test_max_message_size_bounds_what_clients_send_not_what_the_server_sends(
@@ -353,7 +333,7 @@ async def test_max_message_size_bounds_what_clients_send_not_what_the_server_sen
     service, url = daemon("--max-message-size", "100", "--welcome", welcome, *extra)
 
     async def chat() -> None:
-        js = await connectSmall(url, compress)
+        js = await connect(url, protocols=[JSON_SUBPROTOCOL], offerDeflate=compress)
         assert bool(js.websocket_extensions_in_use) is compress
         hello = await nextObject(js)
         assert (hello["type"], hello["text"], hello["maxMessageSize"]) == ("welcome", welcome, 100)

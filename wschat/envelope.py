@@ -35,7 +35,7 @@ from typing import Literal
 
 import msgpack
 
-# An epoch and a message id are checked as the query (since=) and a JSON send command check them.
+# An epoch and a message id are checked as the query (since=) and a JSON send command are.
 from wschat.history import EPOCH, Position
 from wschat.wire import MESSAGE_ID, Message
 

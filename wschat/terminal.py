@@ -860,8 +860,6 @@ class RoomReader:
         text when it is not an object of a known shape.
         """
         try:
-            if obj is None:
-                raise ValueError("not JSON")
             kind = obj["type"]
             when = _parseTime(obj.get("time"))
             if kind == "message":
