@@ -183,10 +183,12 @@ def main() -> None:
     if "wschat" in medians:
         print()
         print("Ratios of wschat (medians): CPU per open (lower is better), handshakes/s")
-        us, hs = medians["wschat"]
+        ourUs, ourHs = medians["wschat"]
         for name, (otherUs, otherHs) in medians.items():
             if name != "wschat":
-                print(f"  vs {name}: CPU {us / otherUs:.2f}x, handshakes/s {hs / otherHs:.2f}x")
+                print(
+                    f"  vs {name}: CPU {ourUs / otherUs:.2f}x, handshakes/s {ourHs / otherHs:.2f}x"
+                )
 
 
 if __name__ == "__main__":
