@@ -67,7 +67,9 @@ PY = sys.executable
 TWISTD = findExecutable("twistd")
 
 
-def _wschat(*extra: str, twistd: str = TWISTD) -> Callable[[int, str], list[str]]:
+def wschatCommand(*extra: str, twistd: str = TWISTD) -> Callable[[int, str], list[str]]:
+    """How to start ``twistd -n wschat`` with ``extra`` on a port, logging into a folder."""
+
     def command(port: int, logdir: str) -> list[str]:
         return [
             twistd,
@@ -107,15 +109,15 @@ WSCHAT = ("--format", "raw", "--no-message-log")
 NO_SHARE = ("--inbound-rate", "0", "--inbound-bytes", "0")
 
 SERVERS: dict[str, Callable[[int, str], list[str]]] = {
-    "wschat": _wschat(*WSCHAT, *NO_SHARE),
+    "wschat": wschatCommand(*WSCHAT, *NO_SHARE),
     # The default inbound share: 250 frames/s per client, which caps "saturated" at 2.5M/s.
-    "wschat-share": _wschat(*WSCHAT),
-    "wschat-no-fast-write": _wschat(*WSCHAT, *NO_SHARE, "--no-fast-write"),
-    "wschat-prefixed": _wschat("--format", "prefixed", "--no-message-log"),
-    "wschat-log": _wschat("--format", "raw"),
-    "wschat-quiet": _wschat("--format", "raw", "--no-message-log", "--no-connection-log"),
+    "wschat-share": wschatCommand(*WSCHAT),
+    "wschat-no-fast-write": wschatCommand(*WSCHAT, *NO_SHARE, "--no-fast-write"),
+    "wschat-prefixed": wschatCommand("--format", "prefixed", "--no-message-log"),
+    "wschat-log": wschatCommand("--format", "raw"),
+    "wschat-quiet": wschatCommand("--format", "raw", "--no-message-log", "--no-connection-log"),
     # History off: what keeping the recovery window (on by default) costs.
-    "wschat-nohistory": _wschat("--format", "raw", "--no-message-log", "--history", "0"),
+    "wschat-nohistory": wschatCommand("--format", "raw", "--no-message-log", "--history", "0"),
     "websockets": _script(PEERS / "websockets_server.py"),
     "node-ws": lambda port, logdir: ["node", str(PEERS / "node-ws" / "server.js"), str(port)],
     "picows": _script(PEERS / "picows_server.py"),
@@ -459,7 +461,9 @@ def main() -> None:
         if twistd is None:
             parser.error(f"--before {args.before!r}: no such executable")
         twistd = os.path.abspath(twistd)
-        SERVERS["wschat-before"] = _wschat(*WSCHAT, *knownOptions(twistd, NO_SHARE), twistd=twistd)
+        SERVERS["wschat-before"] = wschatCommand(
+            *WSCHAT, *knownOptions(twistd, NO_SHARE), twistd=twistd
+        )
     servers = [s for s in args.servers.split(",") if s]
     unknown = [s for s in servers if s not in SERVERS]
     if unknown:

@@ -19,88 +19,60 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from children import freePort, stop, waitListening
+from compare import SERVERS, WSCHAT, wschatCommand
+
+from wschat.bench.stats import processCpuSeconds
+
 HERE = Path(__file__).resolve().parent
-NODE_WS = HERE / "peers" / "node-ws" / "server.js"
 PY = sys.executable
-TICK = os.sysconf("SC_CLK_TCK")
 
 
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def cpuSeconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid``; it must be running."""
+    seconds = processCpuSeconds(pid)
+    if seconds is None:
+        raise RuntimeError(f"no CPU time for process {pid}: it has exited")
+    return seconds
 
 
-def waitListening(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with status {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on port {port} after {timeout} s")
-
-
-def cpuTicks(pid: int) -> int:
-    """User + system CPU time of process ``pid``, in clock ticks."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    # utime and stime are fields 14 and 15; fields[0] here is field 3 (the state).
-    return int(fields[11]) + int(fields[12])
-
-
-def wschatCommand(twistd: str, logfile: str, extra: list[str]) -> list[str]:
-    return [
-        twistd,
-        "-n",
-        "--pidfile=",
-        f"--logfile={logfile}",
-        "wschat",
-        "--port",
-        "PORT",
-        "--welcome=",
-        "--ping-interval",
-        "0",
-        "--format",
-        "raw",
-        "--no-message-log",
-        *extra,
-    ]
-
-
-def measure(name: str, command: list[str], clients: int, duration: float) -> dict[str, Any]:
+def measure(
+    name: str,
+    command: Callable[[int, str], list[str]],
+    logdir: str,
+    clients: int,
+    duration: float,
+) -> dict[str, Any]:
     """Start ``command`` on core 0, open ``clients`` connections to it from core 1."""
     port = freePort()
-    argv = [str(port) if a == "PORT" else a for a in command]
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(
-            ["taskset", "-c", "0", *argv], stdout=out, stderr=subprocess.STDOUT, cwd=HERE
+            ["taskset", "-c", "0", *command(port, logdir)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=HERE,
         )
         try:
             waitListening(port, proc, 30)
             time.sleep(0.5)  # the server's start-up work is done before the count starts
-            start = cpuTicks(proc.pid)
-            samples: list[int] = []
-            stop = threading.Event()
+            start = cpuSeconds(proc.pid)
+            samples: list[float] = []
+            finished = threading.Event()
 
             def sample() -> None:
-                while not stop.wait(0.1):
-                    samples.append(cpuTicks(proc.pid))
+                while not finished.wait(0.1):
+                    samples.append(cpuSeconds(proc.pid))
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
@@ -122,7 +94,7 @@ def measure(name: str, command: list[str], clients: int, duration: float) -> dic
                 "--json",
             ]
             done = subprocess.run(bench, stdout=subprocess.PIPE, check=False, timeout=300)
-            stop.set()
+            finished.set()
             sampler.join()
             if done.returncode != 0:
                 raise RuntimeError(f"{name}: bench exited with status {done.returncode}")
@@ -131,16 +103,11 @@ def measure(name: str, command: list[str], clients: int, duration: float) -> dic
             plateau = collections.Counter(samples).most_common(1)[0][0]
             return {
                 "server": name,
-                "us_per_open": (plateau - start) / TICK * 1e6 / clients,
+                "us_per_open": (plateau - start) * 1e6 / clients,
                 "handshakes_per_s": run["handshakes_per_s"],
             }
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 def main() -> None:
@@ -172,7 +139,7 @@ def main() -> None:
         parser.error("taskset (util-linux) is needed to pin server and load to cores")
     extra = ["--no-connection-log"] if args.no_connection_log else []
     logdir = tempfile.mkdtemp(prefix="handshake-cost-")
-    servers: dict[str, list[str]] = {}
+    servers: dict[str, Callable[[int, str], list[str]]] = {}
     twistds = {"wschat": args.twistd}
     if args.before:
         twistds["wschat-before"] = args.before
@@ -184,16 +151,16 @@ def main() -> None:
     for name, twistd in twistds.items():
         if shutil.which(twistd) is None:
             parser.error(f"{name}: no such executable {twistd!r}")
-        servers[name] = wschatCommand(twistd, os.path.join(logdir, f"{name}.log"), extra)
+        servers[name] = wschatCommand(*WSCHAT, *extra, twistd=twistd)
     if not args.no_node:
         if shutil.which("node") is None:
             parser.error("node is needed for Node ws (or --no-node)")
-        servers["node-ws"] = ["node", str(NODE_WS), "PORT"]
+        servers["node-ws"] = SERVERS["node-ws"]
 
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
     for r in range(args.repeat):
         for name, command in servers.items():
-            result = measure(name, command, args.clients, args.duration)
+            result = measure(name, command, logdir, args.clients, args.duration)
             results[name].append(result)
             print(
                 f"run {r + 1} {name}: {result['us_per_open']:.1f} us/open, "
@@ -216,10 +183,12 @@ def main() -> None:
     if "wschat" in medians:
         print()
         print("Ratios of wschat (medians): CPU per open (lower is better), handshakes/s")
-        us, hs = medians["wschat"]
+        ourUs, ourHs = medians["wschat"]
         for name, (otherUs, otherHs) in medians.items():
             if name != "wschat":
-                print(f"  vs {name}: CPU {us / otherUs:.2f}x, handshakes/s {hs / otherHs:.2f}x")
+                print(
+                    f"  vs {name}: CPU {ourUs / otherUs:.2f}x, handshakes/s {ourHs / otherHs:.2f}x"
+                )
 
 
 if __name__ == "__main__":
