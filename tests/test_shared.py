@@ -59,9 +59,12 @@ class Room:
         self.server = ChatServer(fmt=Format.RAW, welcome="", reactor=self.clock, **options)
         self.turns = fastwrite.Turns(self.clock)
         self.server.room.turns = self.turns
-        self.count = 0
 
-    def member(self, socket: Any = None) -> ChatServerProtocol:
+    def member(self, socket: Any = None, start: int | None = None) -> ChatServerProtocol:
+        """
+        A member on a recording socket; with ``start``, it replays the history from there
+        (with budget for all of it) before going live.
+        """
         p: ChatServerProtocol = self.server.factory.buildProtocol(None)
         transport = stubTransport(socket)
         transport.reactor = self.clock  # where a write that waits registers the socket
@@ -71,7 +74,10 @@ class Room:
         p.state = WebSocketProtocol.STATE_OPEN
         p._plainFrames = True
         p._maxQueue = self.server.limits.maxQueue
-        self.server.room.join(p, Format.RAW, writer=p.transport)
+        p._replayBudget = 1 << 20
+        self.server.room.join(p, Format.RAW, start, writer=p.transport)
+        if start is not None:
+            self.server.room.catchUp(p)
         return p
 
     def broadcast(self, text: bytes) -> bytes:
@@ -325,11 +331,7 @@ def test_no_fast_write_room_delivers_one_by_one():
     """Without turns (--no-fast-write) the room hands each member each frame."""
     room = Room()
     room.server.room.turns = None
-    p = room.server.factory.buildProtocol(None)
-    p.transport = fastwrite.wrap(stubTransport(), room.turns)
-    p.state = WebSocketProtocol.STATE_OPEN
-    p._plainFrames = True
-    room.server.room.join(p, Format.RAW, writer=p.transport)
+    p = room.member()
     room.busy()
     frame = room.broadcast(b"x")
     assert p.transport.shared is None
@@ -409,16 +411,8 @@ def test_a_replay_that_goes_live_mid_turn_gets_each_message_once():
     room.endTurn()
     room.busy()
     during = room.broadcast(b"during")
-    p: ChatServerProtocol = room.server.factory.buildProtocol(None)
-    p.transport = fastwrite.wrap(stubTransport(), room.turns)
-    p._connectionMade()
-    p.closeHandshakeTimeout = 0
-    p.state = WebSocketProtocol.STATE_OPEN
-    p._plainFrames = True
-    p._replayBudget = 1 << 20
     start, _ = history.start(None, 2)
-    room.server.room.join(p, Format.RAW, start, writer=p.transport)
-    room.server.room.catchUp(p)
+    p = room.member(start=start)
     assert not room.server.room.replaying(p)
     after = room.broadcast(b"after")
     room.endTurn()
