@@ -17,6 +17,7 @@ from twisted.internet.base import DelayedCall
 from txaio.testutil import replace_loop
 
 from wschat import lean
+from wschat.bench import frames as framer
 from wschat.limits import Limits
 from wschat.protocol import ChatServerProtocol
 from wschat.testing import MemoryRoom
@@ -38,28 +39,17 @@ class AutobahnFrames(Recording):
 
 
 def frame(
-    payload: bytes,
-    opcode: int = 1,
-    fin: bool = True,
-    rsv: int = 0,
-    masked: bool = True,
-    longForm: int | None = None,
+    payload: bytes, opcode: int = 1, fin: bool = True, rsv: int = 0, masked: bool = True
 ) -> bytes:
-    """One client frame; ``longForm`` forces a 16-bit (126) or 64-bit (127) length."""
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
-    maskBit = 0x80 if masked else 0
-    form = longForm if longForm is not None else (n if n < 126 else 126 if n < 65536 else 127)
-    if form == 126:
-        head += bytes([maskBit | 126]) + struct.pack("!H", n)
-    elif form == 127:
-        head += bytes([maskBit | 127]) + struct.pack("!Q", n)
-    else:
-        head += bytes([maskBit | n])
-    if not masked:
-        return head + payload
-    mask = os.urandom(4)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    """One client frame, masked (unless not ``masked``) with a fresh random key."""
+    return framer.frame(opcode, payload, fin=fin, rsv=rsv, mask=os.urandom(4) if masked else None)
+
+
+def notMinimal(payload: bytes, form: int, opcode: int = 1) -> bytes:
+    """A masked frame whose length takes the 16-bit (126) or 64-bit (127) form it need not."""
+    minimal = frame(payload, opcode)
+    size = struct.pack("!H" if form == 126 else "!Q", len(payload))
+    return minimal[:1] + bytes([0x80 | form]) + size + minimal[2 if len(payload) < 126 else 4 :]
 
 
 def text(size: int, rng: random.Random) -> bytes:
@@ -230,13 +220,13 @@ def badFrame(rng: random.Random) -> bytes:
     if choice == 3:
         return frame(b"reserved", opcode=rng.choice([3, 7, 11, 15]))
     if choice == 4:
-        return frame(b"not minimal", longForm=rng.choice([126, 127]))
+        return notMinimal(b"not minimal", rng.choice([126, 127]))
     if choice == 5:
         return frame(b"x" * 1001, opcode=rng.choice([1, 2]))  # over the small limit
     if choice == 6:
         return frame(b"", opcode=0)  # a continuation outside a message
     if choice == 7:
-        return frame(b"a" * 130, opcode=2, longForm=127)  # 64-bit form, not minimal
+        return notMinimal(b"a" * 130, 127, opcode=2)  # 64-bit form, not minimal
     return frame(b"\x03", opcode=8)  # close with a 1-byte body
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Literal
 
 from twisted.internet.interfaces import (
     IAddress,
@@ -240,7 +239,7 @@ class Dispatcher(Protocol):
         assert self.transport is not None
         fields = headerFields(head[:-4])
         # The local address only if the Host needs it: getHost is a system call.
-        refusal = self.factory.check(head[:-4], self.transport.getHost, fields)
+        refusal = self.factory.check(fields, self.transport.getHost)
         if refusal is not None:
             self._refuse(refusal)
             return False
@@ -381,19 +380,14 @@ class DispatchFactory(ServerFactory):
         self.connections -= 1
 
     def check(
-        self,
-        head: bytes,
-        local: IAddress | Callable[[], IAddress],
-        fields: dict[bytes, list[bytes]] | None | Literal[False] = False,
+        self, fields: dict[bytes, list[bytes]] | None, local: IAddress | Callable[[], IAddress]
     ) -> bytes | None:
         """
-        The error response for a request ``head`` (request line and header fields) that may
-        not be served on a connection that arrived at ``local`` (or at the address a call of
-        ``local`` gives, made only if needed); None if it may. ``fields`` are the head's
-        :func:`headerFields`, when the caller has them already.
+        The error response for a request whose head has the header ``fields`` (its
+        :func:`headerFields`; None: a line is not a header field) that may not be served on a
+        connection that arrived at ``local`` (or at the address a call of ``local`` gives,
+        made only if needed); None if it may.
         """
-        if fields is False:
-            fields = headerFields(head)
         if fields is None:
             return httpError(400, "Bad Request", "a header line is not a header field")
         if b"transfer-encoding" in fields:
