@@ -22,6 +22,7 @@ from typing import Any
 from autobahn.websocket.utf8validator import Utf8Validator
 from autobahn.websocket.xormasker import create_xor_masker
 
+from wschat.bench import frames
 from wschat.limits import Limits
 from wschat.protocol import ChatServerProtocol
 from wschat.testing import MemoryRoom
@@ -32,14 +33,6 @@ class AutobahnFrames(ChatServerProtocol):
     """A connection whose frames are all parsed by Autobahn."""
 
     leanFrames = False
-
-
-def frame(payload: bytes) -> bytes:
-    """One masked text frame (7- or 16-bit length)."""
-    mask = os.urandom(4)
-    n = len(payload)
-    head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0xFE]) + n.to_bytes(2, "big")
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 def best(run: Callable[[], None], count: int) -> float:
@@ -71,7 +64,7 @@ def receiveCost(lean: bool, size: int, perRead: int, reads: int) -> tuple[float,
     room.flush()
     transport: Any = server.transport
     payload = b"x" * size
-    chunk = frame(payload) * perRead
+    chunk = frames.frame(frames.OP_TEXT, payload, mask=os.urandom(4)) * perRead
 
     def receive() -> None:
         for _ in range(reads):
