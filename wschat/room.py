@@ -182,7 +182,8 @@ class Room:
         """
         Add ``member``, which receives ``fmt`` (the room's format unless given). ``writer``:
         its transport, when the frames' bytes may be written to it as they are (plain TCP,
-        no compression), so that it can share a busy turn's frames with others.
+        no compression), so that it can share a busy turn's frames with others; the member
+        is then a :class:`~wschat.fastwrite.SharedMember`.
 
         With ``start`` (a seq of the history, see :meth:`History.start`) it first replays the
         history from there: the caller then calls :meth:`catchUp`, after anything the member
@@ -198,7 +199,7 @@ class Room:
     def _live(self, member: Member, fmt: Format, writer: FastTransport | None) -> None:
         """``member`` receives every broadcast from now on."""
         self._groups.setdefault(fmt, {})[member] = None
-        if writer is not None and self.turns is not None and hasattr(member, "takesShared"):
+        if writer is not None and self.turns is not None:
             shared = self._shared.get(fmt)
             if shared is None:
                 shared = self._shared[fmt] = SharedFrames(self.turns)
