@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import pytest_twisted
 from twisted.internet import defer
 
 from wschat.testing import connect, startDaemon
-
-
-@pytest.mark.parametrize(
-    ("count", "text"), [(0, "0 connections"), (1, "1 connection"), (2, "2 connections")]
-)
-def test_plural(count, text):
-    """A count agrees with its noun."""
-    from wschat.wire import plural
-
-    assert plural(count, "connection") == text
 
 
 @pytest_twisted.ensureDeferred

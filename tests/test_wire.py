@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial.unittest import SynchronousTestCase
 
-from wschat.wire import Format, Message, formatAddress, relayPayload
+from wschat.wire import Format, Message, formatAddress, plural, relayPayload
 
 
 class FormatAddressTests(SynchronousTestCase):
@@ -32,3 +33,11 @@ class RelayPayloadTests(SynchronousTestCase):
         """The raw format relays the payload unchanged."""
         message = Message("127.0.0.1:1", b"\x00\xff", isBinary=True)
         self.assertEqual(relayPayload(Format.RAW, message), b"\x00\xff")
+
+
+@pytest.mark.parametrize(
+    ("count", "text"), [(0, "0 connections"), (1, "1 connection"), (2, "2 connections")]
+)
+def test_plural(count, text):
+    """A count agrees with its noun."""
+    assert plural(count, "connection") == text
